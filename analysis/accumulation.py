@@ -16,12 +16,12 @@ from sharp.errors import SharpError
 
 
 def accumulation_label(run: RunRecord) -> str:
-    """ "B=32 (true batch)" or "B=32 (1 x 32 accumulated)": m x k, k micro-batches of m examples
+    """ "B=32 (true batch)" or "B=32 (32 micro-batches of 1)": k micro-batches of m examples
     (across all processes) make one optimizer step."""
     batch, micro = run.batch_size, run.micro_batch
     if micro >= batch:
         return f"B={batch} (true batch)"
-    return f"B={batch} ({micro} x {-(-batch // micro)} accumulated)"
+    return f"B={batch} ({-(-batch // micro)} micro-batches of {micro})"
 
 
 def accumulation_curves(

@@ -29,25 +29,41 @@ from analysis.style import (
 from sharp.errors import SharpError
 
 DIVERGED_MARKER = "X"
+FAMILY_MARKERS = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))
+
+
+def family(run: RunRecord) -> str:
+    """The model family a run belongs to in M&L's figures: model, width and normalization."""
+    s = run.settings
+    width = f" x{s.get('width'):g}" if s.get("width", 1.0) != 1.0 else ""
+    norm = {"bn": "BN", "none": "no norm", "group": "GroupNorm"}.get(s.get("norm"), str(s.get("norm")))
+    return f"{s.get('model')}{width} ({norm})"
+
+
+def _ghost(run: RunRecord) -> bool:
+    """A run whose BN batch is smaller than its micro-batch (the BN-batch grid, not the eta~ sweep)."""
+    return run.bn_batch is not None and run.micro_batch is not None and run.bn_batch < run.micro_batch
 
 
 def ml_points(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One point per (batch_size, bn_batch, eta~): n_runs, n_diverged, test_acc (% : mean over the
-    runs that did not diverge of each run's median of its last 5 test accuracies; None if none
-    has one), diverged (True when every run of the point diverged) and the run names."""
-    groups: dict[tuple[int, int | None, float], list[RunRecord]] = {}
+    """One point per (family, batch_size, bn_batch, eta~): n_runs, n_diverged, test_acc (% : mean
+    over the runs that did not diverge of each run's median of its last 5 test accuracies; None
+    if none has one), diverged (True when every run of the point diverged), ghost (BN batch below
+    the micro-batch) and the run names."""
+    groups: dict[tuple[str, int, int | None, float], list[RunRecord]] = {}
     for r in runs:
         if r.base_lr is None:
             continue
-        groups.setdefault((r.batch_size, r.bn_batch, r.base_lr), []).append(r)
+        groups.setdefault((family(r), r.batch_size, r.bn_batch, r.base_lr), []).append(r)
     points = []
-    for (batch, bn, base), group in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])
+    for (name, batch, bn, base), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3])
     ):
         alive = [r for r in group if not r.diverged]
         accuracies = [a for r in alive if (a := r.median_test_acc(5)) is not None]
         points.append(
             {
+                "family": name,
                 "batch_size": batch,
                 "bn_batch": bn,
                 "base_lr": base,
@@ -55,6 +71,7 @@ def ml_points(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 "n_diverged": len(group) - len(alive),
                 "test_acc": 100 * float(np.mean(accuracies)) if accuracies else None,
                 "diverged": not alive,
+                "ghost": any(_ghost(r) for r in group),
                 "runs": ";".join(r.name for r in group),
             }
         )
@@ -71,79 +88,89 @@ def _eta_text(value: float) -> str:
     return f"$2^{{{exponent:.0f}}}$" if abs(exponent - round(exponent)) < 1e-9 else f"{value:.3g}"
 
 
-def _curve_keys(points: list[dict[str, Any]]) -> list[tuple[int, int | None]]:
-    """Curves are per batch size, split by BN batch only where runs of one batch size differ in it."""
-    keys = []
-    for batch in sorted({p["batch_size"] for p in points}):
-        bns = sorted({p["bn_batch"] for p in points if p["batch_size"] == batch}, key=lambda b: b or 0)
-        keys.extend((batch, bn if len(bns) > 1 else None) for bn in bns)
-    return list(dict.fromkeys(keys))
-
-
 def ml_accuracy_vs_lr(
     runs: Sequence[RunRecord], out_dir: str | Path, scale: str | None = None, title: str | None = None
 ) -> list[Path]:
-    """Masters & Luschi 2018: test accuracy (median of the last 5 evaluations)
-    against the base learning rate eta~ (log2 x), one curve per batch size; diverged points are
-    an X at the bottom of the axes. Writes ml_accuracy_vs_lr.png/.csv (batch_size, bn_batch,
-    base_lr, n_runs, n_diverged, test_acc, diverged, runs; test_acc empty where diverged=1)."""
-    points = ml_points(runs)
+    """Masters & Luschi 2018, Figs. 3-6: test accuracy (median of the last 5 evaluations)
+    against the base learning rate eta~ (log2 x), one curve per batch size and one panel per
+    model family; diverged points are an X at the bottom of the axes (stacked by batch size).
+    Runs of the BN-batch grid (BN batch below the micro-batch) belong to the heatmap and are
+    left out. Writes
+    ml_accuracy_vs_lr.png/.csv (family, batch_size, bn_batch, base_lr, n_runs, n_diverged,
+    test_acc, diverged, runs; test_acc empty where diverged=1)."""
+    points = [p for p in ml_points(runs) if not p["ghost"]]
     _require(points, "accuracy against eta~")
     png, csv = outputs(out_dir, "ml_accuracy_vs_lr")
-    columns = ("batch_size", "bn_batch", "base_lr", "n_runs", "n_diverged", "test_acc", "diverged", "runs")
+    columns = (
+        "family",
+        "batch_size",
+        "bn_batch",
+        "base_lr",
+        "n_runs",
+        "n_diverged",
+        "test_acc",
+        "diverged",
+        "runs",
+    )
     write_csv(csv, columns, [[int(p[c]) if c == "diverged" else p[c] for c in columns] for p in points])
 
-    fig, axis = plt.subplots(figsize=(6.4, 4.2))
-    bottom = axis.get_xaxis_transform()  # x in data, y in axes fraction
-    diverged_shown = False
-    for batch, bn in _curve_keys(points):
-        curve = [p for p in points if p["batch_size"] == batch and (bn is None or p["bn_batch"] == bn)]
-        colour = batch_colour(batch)
-        label = f"B={batch}" + (f", BN {bn}" if bn is not None else "")
-        ok = [p for p in curve if p["test_acc"] is not None]
-        axis.plot(
-            [p["base_lr"] for p in ok],
-            [p["test_acc"] for p in ok],
-            color=colour,
-            marker="o",
-            markersize=4,
-            linewidth=1.3,
-            label=label,
-        )
-        failed = [p["base_lr"] for p in curve if p["diverged"]]
-        if failed:
+    families = list(dict.fromkeys(p["family"] for p in points))
+    fig, axes = plt.subplots(
+        1, len(families), figsize=(5.2 * len(families) + 1.2, 4.2), sharey=True, squeeze=False
+    )
+    for axis, name in zip(axes[0], families, strict=True):
+        bottom = axis.get_xaxis_transform()  # x in data, y in axes fraction
+        diverged_shown = False
+        mine = [p for p in points if p["family"] == name]
+        for rank, batch in enumerate(sorted({p["batch_size"] for p in mine})):
+            curve = [p for p in mine if p["batch_size"] == batch]
+            colour = batch_colour(batch)
+            ok = [p for p in curve if p["test_acc"] is not None]
             axis.plot(
-                failed,
-                [0.03] * len(failed),
-                transform=bottom,
-                linestyle="none",
-                marker=DIVERGED_MARKER,
+                [p["base_lr"] for p in ok],
+                [p["test_acc"] for p in ok],
                 color=colour,
-                markersize=7,
-                clip_on=False,
-                label=None if diverged_shown else "diverged (at the bottom)",
+                marker="o",
+                markersize=4,
+                linewidth=1.3,
+                label=f"m={batch}",
             )
-            diverged_shown = True
-    axis.set_xscale("log", base=2)
-    axis.xaxis.set_major_formatter(LogFormatterSciNotation(base=2))
-    axis.xaxis.set_minor_locator(NullLocator())
-    axis.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$ (log$_2$)")
-    axis.set_ylabel("test accuracy (%)\nmedian of the last 5 evaluations")
-    axis.set_title(title or f"Masters & Luschi: accuracy vs η̃ — {describe(runs, scale)}", fontsize=9)
-    axis.legend(fontsize=7, loc="best", ncol=2)
+            failed = [p["base_lr"] for p in curve if p["diverged"]]
+            if failed:
+                axis.plot(
+                    failed,
+                    [0.03 + 0.035 * rank] * len(failed),  # stacked by batch size: coinciding X's stay visible
+                    transform=bottom,
+                    linestyle="none",
+                    marker=DIVERGED_MARKER,
+                    color=colour,
+                    markersize=7,
+                    clip_on=False,
+                    label=None if diverged_shown else "diverged",
+                )
+                diverged_shown = True
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_formatter(LogFormatterSciNotation(base=2))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$ (log$_2$)")
+        axis.set_title(name, fontsize=9)
+        axis.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("test accuracy (%)\nmedian of the last 5 evaluations")
+    fig.suptitle(title or f"Masters & Luschi: accuracy vs η̃ — {describe(runs, scale)}", fontsize=9)
     return [save_figure(fig, png), csv]
 
 
 def best_over_lr(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per batch size: the best test accuracy over eta~ (and BN batch), the eta~ that gave it,
-    how many eta~ were tried and how many points diverged entirely."""
+    """Per family and batch size: the best test accuracy over eta~ (and BN batch), the eta~ that
+    gave it, how many eta~ were tried and how many points diverged entirely."""
     best = []
-    for batch in sorted({p["batch_size"] for p in points}):
-        group = [p for p in points if p["batch_size"] == batch]
+    for name, batch in sorted({(p["family"], p["batch_size"]) for p in points}):
+        group = [p for p in points if p["family"] == name and p["batch_size"] == batch]
         ok = [p for p in group if p["test_acc"] is not None]
         top = max(ok, key=lambda p: p["test_acc"]) if ok else None
         best.append(
             {
+                "family": name,
                 "batch_size": batch,
                 "best_test_acc": top["test_acc"] if top else None,
                 "best_base_lr": top["base_lr"] if top else None,
@@ -160,41 +187,65 @@ def ml_best_vs_batch(
 ) -> list[Path]:
     """Masters & Luschi 2018: the best test accuracy over eta~ against
     batch size (log2 x), each point labelled with its eta~. Writes ml_best_vs_batch.png/.csv
-    (batch_size, best_test_acc, best_base_lr, best_bn_batch, n_base_lr, n_diverged)."""
+    (family, batch_size, best_test_acc, best_base_lr, best_bn_batch, n_base_lr, n_diverged); one
+    line per model family."""
     points = ml_points(runs)
     _require(points, "the best accuracy against batch size")
     best = best_over_lr(points)
     png, csv = outputs(out_dir, "ml_best_vs_batch")
-    columns = ("batch_size", "best_test_acc", "best_base_lr", "best_bn_batch", "n_base_lr", "n_diverged")
+    columns = (
+        "family",
+        "batch_size",
+        "best_test_acc",
+        "best_base_lr",
+        "best_bn_batch",
+        "n_base_lr",
+        "n_diverged",
+    )
     write_csv(csv, columns, [[b[c] for c in columns] for b in best])
 
-    ok = [b for b in best if b["best_test_acc"] is not None]
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
-    axis.plot([b["batch_size"] for b in ok], [b["best_test_acc"] for b in ok], color="#777777", linewidth=1)
-    for b in ok:
-        axis.plot(
-            b["batch_size"], b["best_test_acc"], marker="o", markersize=7, color=batch_colour(b["batch_size"])
-        )
-        axis.annotate(
-            f"η̃={_eta_text(b['best_base_lr'])}",
-            (b["batch_size"], b["best_test_acc"]),
-            textcoords="offset points",
-            xytext=(0, 7),
-            ha="center",
-            fontsize=7,
-        )
     bottom = axis.get_xaxis_transform()
-    for b in best:
-        if b["best_test_acc"] is None:
+    for index, name in enumerate(dict.fromkeys(b["family"] for b in best)):
+        mine = [b for b in best if b["family"] == name]
+        ok = [b for b in mine if b["best_test_acc"] is not None]
+        marker, style = FAMILY_MARKERS[index % len(FAMILY_MARKERS)]
+        axis.plot(
+            [b["batch_size"] for b in ok],
+            [b["best_test_acc"] for b in ok],
+            color="#777777",
+            linewidth=1,
+            linestyle=style,
+            label=name,
+        )
+        for b in ok:
             axis.plot(
                 b["batch_size"],
-                0.03,
-                transform=bottom,
-                marker=DIVERGED_MARKER,
-                markersize=8,
+                b["best_test_acc"],
+                marker=marker,
+                markersize=7,
                 color=batch_colour(b["batch_size"]),
-                clip_on=False,
             )
+            axis.annotate(
+                f"η̃={_eta_text(b['best_base_lr'])}",
+                (b["batch_size"], b["best_test_acc"]),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=7,
+            )
+        for b in mine:
+            if b["best_test_acc"] is None:
+                axis.plot(
+                    b["batch_size"],
+                    0.03,
+                    transform=bottom,
+                    marker=DIVERGED_MARKER,
+                    markersize=8,
+                    color=batch_colour(b["batch_size"]),
+                    clip_on=False,
+                )
+    axis.legend(fontsize=7, loc="best")
     batch_axis(axis, [b["batch_size"] for b in best])
     axis.margins(x=0.1, y=0.15)
     axis.set_xlabel("batch size m (log$_2$)")
@@ -218,6 +269,9 @@ def ml_bn_heatmap(
     points = [p for p in ml_points(runs) if p["bn_batch"] is not None]
     if not points:
         raise SharpError("no run has a BN batch (derived.bn_batch): the heatmap needs runs with --norm bn")
+    gridded = [p["family"] for p in points if p["ghost"]]
+    chosen = gridded[0] if gridded else points[0]["family"]  # the family that has a BN-batch grid
+    points = [p for p in points if p["family"] == chosen]
     xs = sorted({p["batch_size"] for p in points})
     ys = sorted({p["bn_batch"] for p in points})
     rows, grid = [], np.full((len(ys), len(xs)), np.nan)
@@ -282,7 +336,7 @@ def ml_bn_heatmap(
     fig.colorbar(image, ax=axis, label="test accuracy (%)")
     axis.set_title(
         title
-        or f"Masters & Luschi: BN batch vs SGD batch — {describe(runs, scale)}"
+        or f"Masters & Luschi: BN batch vs SGD batch, {chosen} — {describe(runs, scale)}"
         "\nbest over η̃; X every run diverged; — not run",
         fontsize=8,
     )

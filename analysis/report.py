@@ -55,12 +55,18 @@ def _sharpness_eps(runs: Sequence[RunRecord], epoch_checkpoints: bool) -> float 
 
 
 def _accumulation_runs(runs: Sequence[RunRecord]) -> list[RunRecord]:
-    """Runs of the effective batches that were trained with two or more micro-batch sizes."""
+    """Runs of the effective batches that were trained with two or more micro-batch sizes, and the
+    true batches whose size is the micro-batch of an accumulated run (a small batch against the
+    large one it is accumulated into)."""
     chosen = []
     for batch in batch_sizes(runs):
         group = [r for r in runs if r.batch_size == batch]
         if len({r.micro_batch for r in group}) > 1:
             chosen.extend(group)
+    micro_sizes = {r.micro_batch for r in chosen if r.micro_batch < r.batch_size}
+    chosen += [
+        r for r in runs if r not in chosen and r.micro_batch >= r.batch_size and r.batch_size in micro_sizes
+    ]
     return chosen
 
 
@@ -483,13 +489,16 @@ def build_report(
     interpolations: Iterable[dict[str, Any] | str | Path] = (),
     notes: Iterable[str] = (),
     goal_losses: Sequence[float] | None = None,
+    sb_batch: int | None = None,
+    lb_batch: int | None = None,
 ) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png/.csv: Keskar et al. 2017's Tables 2-4 (when
     two or more batch sizes have sharpness probes) and every figure the runs support, decided from
     the data (figures without data are listed as not drawn, never an error), then each run's
     settings and the probe set and BN mode of every probe. `interpolations` are `sharp interp`
     records (dicts, interp.json files or their folders); `goal_losses` are McCandlish's goal
-    training losses (default: chosen so that every run reaches them)."""
+    training losses (default: chosen so that every run reaches them); `sb_batch` and `lb_batch`
+    are the batch sizes of Keskar's tables (default: the smallest and largest)."""
     runs = list(runs)
     if not runs:
         raise SharpError(
@@ -514,13 +523,14 @@ def build_report(
 
     sizes = batch_sizes([r for r in runs if not r.diverged])
     if len(sizes) >= 2 and any(r.probes_of("epsilon_sharpness") for r in runs):
+        small, large = sb_batch or sizes[0], lb_batch or sizes[-1]
         lines += [
             "",
             "## Keskar et al. 2017, Tables 2–4",
             "",
-            f"Small batch (SB) = B {sizes[0]}, large batch (LB) = B {sizes[-1]}.",
+            f"Small batch (SB) = B {small}, large batch (LB) = B {large}.",
             "",
-            keskar_tables(runs, figures_dir, sizes[0], sizes[-1], scale=scale),
+            keskar_tables(runs, figures_dir, small, large, scale=scale),
             "",
             "Data: [keskar_tables.csv](figures/keskar_tables.csv).",
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 from collections.abc import Callable
@@ -271,42 +272,55 @@ def sweep() -> None:
     """Grids of runs from a TOML spec: `sharp sweep SPEC --out DIR`, then `status` / `collect`."""
 
 
+def launcher_options(func: Callable) -> Callable:
+    """--launcher, --workers, --ray-address, --gpus-per-run, --cpus-per-run, gathered into `launcher`."""
+    options = [
+        click.option("--launcher", "kind", default="local", show_default=True, help="local or ray"),
+        click.option(
+            "--workers", type=int, default=1, show_default=True, help="local: runs at once (processes)"
+        ),
+        click.option(
+            "--ray-address", default=None, help="ray: an existing cluster (default: start a local one)"
+        ),
+        click.option(
+            "--gpus-per-run",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="ray: GPUs per run (fractions ok)",
+        ),
+        click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="ray: CPUs per run"),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        kind: str,
+        workers: int,
+        ray_address: str | None,
+        gpus_per_run: float,
+        cpus_per_run: float,
+        **kwargs: Any,
+    ) -> Any:
+        from sharp.sweep import Launcher
+
+        launcher = Launcher(kind, workers, ray_address, gpus_per_run, cpus_per_run)
+        return func(*args, launcher=launcher, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @sweep.command("run")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="sweep directory")
-@click.option("--launcher", default="local", show_default=True, help="local or ray")
-@click.option("--workers", type=int, default=1, show_default=True, help="local: runs at once (processes)")
-@click.option("--ray-address", default=None, help="ray: address of an existing cluster (default: start one)")
-@click.option(
-    "--gpus-per-run", type=float, default=0.0, show_default=True, help="ray: GPUs per run (fractions ok)"
-)
-@click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="ray: CPUs per run")
-def sweep_run(
-    spec: str,
-    out: str,
-    launcher: str,
-    workers: int,
-    ray_address: str | None,
-    gpus_per_run: float,
-    cpus_per_run: float,
-) -> int:
+@launcher_options
+def sweep_run(spec: str, out: str, launcher: Any) -> int:
     """Train (and probe) every run of SPEC not finished yet; a re-run resumes unfinished runs."""
     from sharp.sweep import SweepSpec, run_sweep
 
-    _choice(launcher, "--launcher", ("local", "ray"))
-    _check_positive(workers=workers, cpus_per_run=cpus_per_run)
-    if gpus_per_run < 0:
-        raise SharpError(f"--gpus-per-run {gpus_per_run} must be zero or positive")
-    states = run_sweep(
-        SweepSpec.from_toml(spec),
-        out,
-        launcher=launcher,
-        workers=workers,
-        ray_address=ray_address,
-        gpus_per_run=gpus_per_run,
-        cpus_per_run=cpus_per_run,
-        echo=click.echo,
-    )
+    states = run_sweep(SweepSpec.from_toml(spec), out, launcher, echo=click.echo)
     order = ("finished", "diverged", "failed")
     counts = {s: n for s in order if (n := list(states.values()).count(s))}
     click.echo(f"sweep {out}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
@@ -393,11 +407,7 @@ def _launch_torchrun(
 @click.option("--data-root", default=None, help="where cifar10/cifar100 live")
 @click.option("--download", is_flag=True, default=None, help="download cifar10/cifar100 if missing")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--launcher", default="local", show_default=True, help="local or ray")
-@click.option("--workers", type=int, default=1, show_default=True, help="local: runs at once (processes)")
-@click.option("--ray-address", default=None, help="ray: address of an existing cluster")
-@click.option("--gpus-per-run", type=float, default=0.0, show_default=True, help="ray: GPUs per run")
-@click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="ray: CPUs per run")
+@launcher_options
 def repro(
     name: str,
     scale: str,
@@ -406,18 +416,12 @@ def repro(
     data_root: str | None,
     download: bool | None,
     device: str,
-    launcher: str,
-    workers: int,
-    ray_address: str | None,
-    gpus_per_run: float,
-    cpus_per_run: float,
+    launcher: Any,
 ) -> None:
     """Reproduce a paper result from paper_repro/NAME.toml: runs, probes, figures, report."""
     from sharp.repro import ReproSpec, run_repro
 
     _choice(device, "--device", ("auto", "cpu", "cuda"))
-    _choice(launcher, "--launcher", ("local", "ray"))
-    _check_positive(workers=workers)
     overrides = {
         k: v
         for k, v in (("dataset", dataset), ("data_root", data_root), ("download", download))
@@ -425,17 +429,7 @@ def repro(
     }
     spec = ReproSpec.load(name, scale, overrides)
     target = Path(out) if out else Path("repro") / f"{spec.name}-{scale}"
-    report = run_repro(
-        spec,
-        target,
-        launcher=launcher,
-        workers=workers,
-        ray_address=ray_address,
-        gpus_per_run=gpus_per_run,
-        cpus_per_run=cpus_per_run,
-        device=device,
-        echo=click.echo,
-    )
+    report = run_repro(spec, target, launcher, device=device, echo=click.echo)
     click.echo(f"report: {report}")
 
 

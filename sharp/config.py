@@ -270,7 +270,9 @@ class ProbeConfig:
     method: str = _opt("lanczos", "eigenvalue method (power is PyHessian's)", ("lanczos", "power"))
     tol: float = _opt(1e-3, "relative tolerance of --hessian")
     trace: bool = _opt(False, "Hessian trace (Hutchinson) with its standard error")
+    trace_samples: int = _opt(100, "at most this many Rademacher vectors (HVPs) for --trace")
     density: bool = _opt(False, "Hessian spectral density (stochastic Lanczos quadrature)")
+    density_iter: int = _opt(100, "Lanczos steps (HVPs) per run of --density")
     landscape: bool = _opt(False, "loss along filter-normalized random directions (Li et al.)")
     landscape_range: str = _opt("-1:1:21", "start:stop:count of the --landscape scan")
     landscape_2d: bool = _opt(False, "scan a plane (two directions) instead of a line")
@@ -282,7 +284,23 @@ class ProbeConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        _positive(self, "probe_set", "probe_batch", "top_k", "maxiter", "tol", "subspace", "b_small", "b_big")
+        _positive(
+            self,
+            "probe_set",
+            "probe_batch",
+            "top_k",
+            "maxiter",
+            "tol",
+            "subspace",
+            "b_small",
+            "b_big",
+            "trace_samples",
+            "density_iter",
+        )
+        if self.trace_samples < 2:
+            raise SharpError(
+                f"--trace-samples {self.trace_samples}: a standard error needs at least 2 samples"
+            )
         parse_positive_list(self.eps, "--eps")
         parse_positive_list(self.rho, "--rho")
         if self.sharpness and not self.full_space and not self.subspace:

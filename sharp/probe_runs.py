@@ -166,9 +166,11 @@ def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
             kwargs = dict(k=cfg.top_k, method=cfg.method, tol=cfg.tol, seed=cfg.seed)
             tasks.append(ProbeTask(f"hessian-top{cfg.top_k}-{cfg.method}", hessian_top_eigenvalues, kwargs))
         if cfg.trace:
-            tasks.append(ProbeTask("hessian-trace", hessian_trace, dict(seed=cfg.seed)))
+            kwargs = dict(maxiter=cfg.trace_samples, min_samples=min(10, cfg.trace_samples), seed=cfg.seed)
+            tasks.append(ProbeTask("hessian-trace", hessian_trace, kwargs))
         if cfg.density:
-            tasks.append(ProbeTask("hessian-density", hessian_density, dict(seed=cfg.seed)))
+            kwargs = dict(n_iter=cfg.density_iter, seed=cfg.seed)
+            tasks.append(ProbeTask("hessian-density", hessian_density, kwargs))
     if cfg.landscape:
         from sharp.probes.landscape import parse_alphas, random_direction_scan
 

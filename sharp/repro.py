@@ -34,7 +34,7 @@ from typing import Any
 from sharp.config import ProbeConfig, make_config, tomllib
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
-from sharp.sweep import RunSpec, SweepSpec, launch
+from sharp.sweep import Launcher, RunSpec, SweepSpec
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
 SCALES = ("cpu", "full")
@@ -175,12 +175,7 @@ class ReproSpec:
 def run_repro(
     spec: ReproSpec,
     out: str | Path,
-    *,
-    launcher: str = "local",
-    workers: int = 1,
-    ray_address: str | None = None,
-    gpus_per_run: float = 0.0,
-    cpus_per_run: float = 1.0,
+    launcher: Launcher | None = None,
     device: str = "auto",
     echo: Callable[[str], None] = print,
 ) -> Path:
@@ -204,7 +199,7 @@ def run_repro(
         if device != "auto":
             job[1]["device"] = device
     echo(f"{spec.name} ({spec.scale}): {len(jobs)} runs")
-    states = launch(jobs, launcher, workers, ray_address, gpus_per_run, cpus_per_run, echo)
+    states = (launcher or Launcher()).run(jobs, echo)
     timings["runs"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -228,6 +223,8 @@ def run_repro(
         title=spec.title or spec.name,
         interpolations=interpolations,
         goal_losses=options.get("goal_losses"),
+        sb_batch=options.get("sb_batch"),
+        lb_batch=options.get("lb_batch"),
     )
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started

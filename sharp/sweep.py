@@ -180,46 +180,40 @@ def prepare_sweep(spec: SweepSpec, out: str | Path) -> tuple[Path, list[RunSpec]
     return out, runs
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """Where runs execute: `local` (in turn, or `workers` processes) or `ray` (one task per run,
+    on the cluster at `ray_address`, or a local Ray started for the purpose)."""
+
+    kind: str = "local"
+    workers: int = 1
+    ray_address: str | None = None
+    gpus_per_run: float = 0.0
+    cpus_per_run: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "ray"):
+            raise SharpError(f"--launcher {self.kind!r} is unknown: choose local or ray")
+        if not self.workers >= 1:
+            raise SharpError(f"--workers {self.workers} must be at least 1")
+        if not self.cpus_per_run > 0 or not self.gpus_per_run >= 0:
+            raise SharpError("--cpus-per-run must be positive and --gpus-per-run zero or positive")
+
+    def run(self, jobs: list[tuple], echo: Callable[[str], None] = print) -> list[str]:
+        """`execute_run(*job)` for every job; the final states, in the jobs' order."""
+        if self.kind == "ray":
+            return _run_ray(jobs, self.ray_address, self.gpus_per_run, self.cpus_per_run, echo)
+        return _run_local(jobs, self.workers, echo)
+
+
 def run_sweep(
-    spec: SweepSpec,
-    out: str | Path,
-    *,
-    launcher: str = "local",
-    workers: int = 1,
-    ray_address: str | None = None,
-    gpus_per_run: float = 0.0,
-    cpus_per_run: float = 1.0,
-    echo: Callable[[str], None] = print,
+    spec: SweepSpec, out: str | Path, launcher: Launcher | None = None, echo: Callable[[str], None] = print
 ) -> dict[str, str]:
     """Run every run of the grid not yet finished; return {run name: final state}."""
     out, runs = prepare_sweep(spec, out)
     jobs = [(str(out / "runs" / r.name), r.settings, [spec.probe] if spec.probe else None) for r in runs]
-    return dict(
-        zip(
-            [Path(j[0]).name for j in jobs],
-            launch(jobs, launcher, workers, ray_address, gpus_per_run, cpus_per_run, echo),
-            strict=True,
-        )
-    )
-
-
-def launch(
-    jobs: list[tuple],
-    launcher: str = "local",
-    workers: int = 1,
-    ray_address: str | None = None,
-    gpus_per_run: float = 0.0,
-    cpus_per_run: float = 1.0,
-    echo: Callable[[str], None] = print,
-) -> list[str]:
-    """Run `execute_run(*job)` for every job with the chosen launcher; return the states in order."""
-    if launcher == "local":
-        states = _run_local(jobs, workers, echo)
-    elif launcher == "ray":
-        states = _run_ray(jobs, ray_address, gpus_per_run, cpus_per_run, echo)
-    else:
-        raise SharpError(f"--launcher {launcher!r} is unknown: choose local or ray")
-    return states
+    states = (launcher or Launcher()).run(jobs, echo)
+    return {Path(job[0]).name: state for job, state in zip(jobs, states, strict=True)}
 
 
 def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> list[str]:

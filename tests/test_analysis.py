@@ -499,7 +499,7 @@ def test_accumulation_curves_csv_and_labels(tmp_path):
     )
     runs = load_runs([true, acc, other])
     assert accumulation_label(runs[0]) == "B=32 (true batch)"
-    assert accumulation_label(runs[1]) == "B=32 (4 x 8 accumulated)"
+    assert accumulation_label(runs[1]) == "B=32 (8 micro-batches of 4)"
     paths = accumulation_curves(runs, tmp_path / "fig", scale="cpu")
     assert_png(paths[0])
     rows = read_csv(paths[1])
@@ -697,3 +697,10 @@ def test_report_draws_ml_hessian_noise_and_accumulation_figures(tmp_path):
     ):
         assert f"figures/{name}.png" in text, name
     assert "keskar_fig4" not in text.split("Not drawn")[0]
+
+
+def test_report_uses_the_given_sb_and_lb_batches(keskar_runs, tmp_path):
+    default = build_report(keskar_runs, tmp_path / "d").read_text()
+    assert "Small batch (SB) = B 32, large batch (LB) = B 1024." in default
+    chosen = build_report(keskar_runs, tmp_path / "r", sb_batch=1024, lb_batch=32).read_text()
+    assert "Small batch (SB) = B 1024, large batch (LB) = B 32." in chosen

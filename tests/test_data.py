@@ -73,6 +73,51 @@ def test_cifar10_reader_on_a_tiny_archive_in_the_real_format(tmp_path, monkeypat
     assert data.std[2] == pytest.approx(pixels[:, 2].std(unbiased=False).item())
 
 
+def test_cifar100_reader_on_a_tiny_archive_in_the_real_format(tmp_path, monkeypatch):
+    import torchvision
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    written = {}
+    for name, count in (("train", 12), ("test", 4)):
+        images = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, count)]
+        record = {
+            "filenames": [f"{i}.png" for i in range(count)],
+            "batch_label": name,
+            "fine_labels": fine,
+            "coarse_labels": [v // 5 for v in fine],
+            "data": images,
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(record, handle, protocol=2)
+        written[name] = (images.reshape(count, 3, 32, 32), fine)
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump(
+            {
+                "fine_label_names": [f"class{i:02d}" for i in range(100)],
+                "coarse_label_names": [f"super{i:02d}" for i in range(20)],
+            },
+            handle,
+            protocol=2,
+        )
+
+    def md5(name):
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    cls = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [["train", md5("train")]])
+    monkeypatch.setattr(cls, "test_list", [["test", md5("test")]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5("meta")})
+    data = load_dataset("cifar100", data_root=tmp_path)
+    assert data.num_classes == 100 and data.classes[7] == "class07"
+    assert torch.equal(data.train_images, torch.from_numpy(written["train"][0]))
+    assert (
+        data.train_labels.tolist() == written["train"][1] and data.test_labels.tolist() == written["test"][1]
+    )
+
+
 def test_missing_cifar_says_what_to_do(tmp_path):
     with pytest.raises(SharpError, match="--download"):
         load_cifar("cifar100", tmp_path)

@@ -196,3 +196,25 @@ def test_report_command_on_runs_and_an_interpolation(runs, tmp_path):
     for args in ([tmp_path / "missing"], [empty], [runs / "sb", "--scale", "huge"]):
         bad = invoke("report", *args, "--out", tmp_path / "r2")
         assert bad.exit_code == 2 and bad.output.startswith("sharp: error:"), bad.output
+
+
+def test_trace_samples_and_density_iterations_are_options(runs):
+    result = invoke(
+        "probe",
+        runs / "lb",
+        "--probe-set",
+        "64",
+        "--trace",
+        "--trace-samples",
+        "4",
+        "--density",
+        "--density-iter",
+        "7",
+    )
+    assert result.exit_code == 0, result.output
+    trace = json.loads(next((runs / "lb" / "probes").glob("final.hessian-trace.*")).read_text())
+    density = json.loads(next((runs / "lb" / "probes").glob("final.hessian-density.*")).read_text())
+    assert len(trace["samples"]) == 4 and trace["evaluations"]["hvp"] == 4
+    assert len(density["ritz_values"][0]) == 7
+    bad = invoke("probe", runs / "lb", "--trace", "--trace-samples", "1")
+    assert bad.exit_code == 2 and "at least 2 samples" in bad.output

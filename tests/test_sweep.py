@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sharp.cli import cli
 from sharp.errors import SharpError
 from sharp.runs import RunDir
-from sharp.sweep import SweepSpec, collect, run_sweep
+from sharp.sweep import Launcher, SweepSpec, collect, run_sweep
 
 SPEC = """
 name = "tiny"
@@ -146,6 +146,23 @@ def local_ray():
 def test_ray_launcher_on_a_local_ray(tmp_path, local_ray):
     spec_path = tmp_path / "tiny.toml"
     spec_path.write_text(SPEC)
-    states = run_sweep(SweepSpec.from_toml(spec_path), tmp_path / "ray", launcher="ray", echo=lambda _: None)
+    states = run_sweep(SweepSpec.from_toml(spec_path), tmp_path / "ray", Launcher("ray"), echo=lambda _: None)
     assert sorted(states.values()) == ["failed", "finished", "finished", "finished"]
     assert [r["state"] for r in collect(tmp_path / "ray")] == ["finished", "finished", "finished", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--launcher", "slurm"], "--launcher 'slurm' is unknown"),
+        (["--workers", "0"], "--workers 0 must be"),
+        (["--cpus-per-run", "0"], "--cpus-per-run must be positive"),
+    ],
+)
+def test_bad_launcher_options(tmp_path, args, fragment):
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(SPEC)
+    result = invoke("sweep", spec_path, "--out", tmp_path / "s", *args)
+    assert (
+        result.exit_code == 2 and fragment in result.output and len(result.output.strip().splitlines()) == 1
+    )
