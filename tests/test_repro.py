@@ -68,8 +68,10 @@ def test_masters_luschi_full_scale_is_the_papers_setup():
 def test_cpu_scale_keeps_the_design_and_shrinks_it():
     spec = ReproSpec.load("keskar", "cpu")
     runs = _settings(spec, "sb_lb")
-    assert {r["batch_size"] for r in runs} == {64, 1000} and all(r["train_subset"] == 10000 for r in runs)
+    assert {r["batch_size"] for r in runs} == {32, 500} and all(r["train_subset"] == 5000 for r in runs)
     assert all(r["optimizer"] == "adam" and r["model"] == "resnet8" for r in runs)
+    assert all(r["until_train_loss"] == 0.1 and r["augment"] is False for r in runs)
+    assert (spec.raw["report"]["sb_batch"], spec.raw["report"]["lb_batch"]) == (32, 500)
     # runs shared by two groups are trained once
     names = [j[0] for j in spec.jobs(Path("/x"))]
     assert len(names) == len(set(names)) == 6
