@@ -5,7 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean figures
+
+# The real CIFAR-10 as a folder of images (train/<class>/, test/<class>/); `make figures`
+# reruns every paper_repro spec at cpu scale into repro/ and copies its report, figures and
+# CSVs into figures/SPEC/ (runs already finished are skipped).
+CIFAR ?= data/cifar10-jpeg
+SPECS ?= keskar masters-luschi accumulation noise-scale
 
 venv: $(STAMP)
 
@@ -19,6 +25,14 @@ $(STAMP): pyproject.toml requirements/torch.txt
 demo: $(STAMP)
 	$(BIN)/sharp demo --out runs/demo
 
+figures: $(STAMP)
+	set -e; for spec in $(SPECS); do \
+	  $(BIN)/sharp repro $$spec --scale cpu --dataset folder:$(CIFAR) --out repro/$$spec-cpu; \
+	  rm -rf figures/$$spec; mkdir -p figures/$$spec; \
+	  cp repro/$$spec-cpu/figures/* repro/$$spec-cpu/repro.json figures/$$spec/; \
+	  sed 's#](figures/#](#g' repro/$$spec-cpu/report.md > figures/$$spec/report.md; \
+	done
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -27,4 +41,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs repro .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ def test_keskar_full_scale_is_the_papers_setup():
     assert sorted({r["seed"] for r in runs}) == [0, 1, 2, 3, 4]  # 5 trials
     assert all(r["optimizer"] == "adam" and r["lr"] == 0.001 and r["augment"] is False for r in runs)
     assert all(r["micro_batch"] == r["batch_size"] and r["train_subset"] is None for r in runs)
+    assert all(r["until_train_loss"] == 0.01 and r["epochs"] == 200 for r in runs)  # trained to ~99.9%
     probes = spec.groups["sb_lb"].probes_for(spec.groups["sb_lb"].runs[0])
     assert probes[0]["eps"] == "1e-3,5e-4" and probes[0]["subspace"] == 100
     assert spec.interpolations[0]["alphas"] == "-1:2:25"
@@ -63,6 +64,18 @@ def test_masters_luschi_full_scale_is_the_papers_setup():
     bn = _settings(spec, "resnet32_bn")
     assert all(r["model"] == "resnet32" and r["norm"] == "bn" and r["augment"] is True for r in bn)
     assert {r["bn_batch"] for r in _settings(spec, "bn_batch")} == {2, 4, 8, 16}
+
+
+def test_noise_scale_tries_several_rates_per_batch_at_full_scale():
+    spec = ReproSpec.load("noise-scale", "full")
+    runs = _settings(spec, "tradeoff")
+    assert len(runs) == 8 * 3 and all(r["lr_scaling"] == "sqrt" and r["reference_batch"] == 128 for r in runs)
+    assert all(r["norm"] == "group" and r["until_train_loss"] == 0.3 for r in runs)
+    tracking = _settings(spec, "tracking")
+    assert [(r["batch_size"], r["micro_batch"], r["noise_scale"]) for r in tracking] == [(512, 64, True)]
+    cpu = _settings(ReproSpec.load("noise-scale", "cpu"), "tradeoff")
+    assert sorted(r["batch_size"] for r in cpu) == [16, 64, 256, 1024]
+    assert {r["base_lr"] for r in cpu} == {1e-3}
 
 
 def test_cpu_scale_keeps_the_design_and_shrinks_it():
