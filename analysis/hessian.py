@@ -23,7 +23,7 @@ from analysis.style import (
 )
 from sharp.errors import SharpError
 
-DENSITY_FLOOR = 1e-6  # densities below this are drawn at it (log axis)
+DENSITY_FLOOR = 1e-9  # densities below this are drawn at it (log axis)
 RANK_MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h", "X", "<", ">", "p")
 
 
@@ -93,7 +93,14 @@ def hessian_eigenvalues_plot(
         )
         for rank in range(k)
     ]
-    axis.legend(handles=proxies, fontsize=7, loc="best", title="rank", title_fontsize=7)
+    axis.legend(
+        handles=proxies,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="rank",
+        title_fontsize=7,
+    )
     return [save_figure(fig, png), csv]
 
 

@@ -127,7 +127,7 @@ def keskar_batch_size(
     sharp_axis.set_ylabel(r"sharpness $\phi_{x,f}(\epsilon)$ (%)  ■, dashed")
     acc_axis.set_title(title or f"Keskar et al. Fig. 4 — {describe(kept, scale)}", fontsize=9)
     handles = acc_axis.get_legend_handles_labels()[0] + sharp_axis.get_legend_handles_labels()[0]
-    acc_axis.legend(handles=handles, fontsize=8, loc="best")
+    sharp_axis.legend(handles=handles, fontsize=8, loc="best", framealpha=0.95)  # the twin axis is on top
     return [save_figure(fig, png), csv]
 
 

@@ -607,13 +607,13 @@ def test_hessian_eigenvalues_plot_orders_runs_by_batch_size(tmp_path):
 
 def test_hessian_density_plot_clips_at_the_floor(tmp_path):
     grid = [-1.0, 0.0, 1.0, 2.0]
-    sb = make_run(tmp_path, "sb", batch=64, probes=[density(grid, [1e-9, 0.5, 0.01, 0.0])])
-    lb = make_run(tmp_path, "lb", batch=4096, probes=[density(grid, [0.001, 0.3, 1e-7, 0.2])])
+    sb = make_run(tmp_path, "sb", batch=64, probes=[density(grid, [1e-12, 0.5, 0.01, 0.0])])
+    lb = make_run(tmp_path, "lb", batch=4096, probes=[density(grid, [0.001, 0.3, 1e-10, 0.2])])
     paths = hessian_density_plot(load_runs([sb, lb]), tmp_path / "fig", scale="cpu")
     assert_png(paths[0])
     rows = read_csv(paths[1])
-    assert [number(r["density_plotted"]) for r in rows] == [1e-6, 0.5, 0.01, 1e-6, 0.001, 0.3, 1e-6, 0.2]
-    assert [number(r["density"]) for r in rows] == [1e-9, 0.5, 0.01, 0.0, 0.001, 0.3, 1e-7, 0.2]
+    assert [number(r["density_plotted"]) for r in rows] == [1e-9, 0.5, 0.01, 1e-9, 0.001, 0.3, 1e-9, 0.2]
+    assert [number(r["density"]) for r in rows] == [1e-12, 0.5, 0.01, 0.0, 0.001, 0.3, 1e-10, 0.2]
     assert [r["run"] for r in rows] == ["sb"] * 4 + ["lb"] * 4
 
 
