@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 
 from analysis.results import RunRecord, describe
-from analysis.style import batch_colour, finite, outputs, plain_log_labels, save_figure, write_csv
+from analysis.style import finite, outputs, plain_log_labels, save_figure, write_csv
 from sharp.errors import SharpError
 
 
@@ -28,7 +29,7 @@ def accumulation_curves(
     runs: Sequence[RunRecord], out_dir: str | Path, scale: str | None = None, title: str | None = None
 ) -> list[Path]:
     """Learning curves against examples seen (training cross-entropy on the fixed evaluation
-    subset, left; test accuracy, right) grouped by effective batch: one colour per effective
+    subset, left; test accuracy, right) grouped by effective batch: one hue per effective
     batch, true batches (micro_batch == batch) solid, accumulated ones dashed with markers, so
     identical curves visibly overlap. Writes accumulation_curves.png/.csv (run, batch_size,
     micro_batch, examples, eval_train_loss, test_acc in %)."""
@@ -52,11 +53,17 @@ def accumulation_curves(
     write_csv(csv, ("run", "batch_size", "micro_batch", "examples", "eval_train_loss", "test_acc"), rows)
 
     several_seeds = len({r.seed for r in ordered}) > 1
+    # Effective batches here are often all "small" (one shade of blue in the house palette), so
+    # this figure gives each effective batch its own hue instead.
+    hues = {
+        b: matplotlib.colormaps["tab10"](i % 10)
+        for i, b in enumerate(sorted({r.batch_size for r in ordered}))
+    }
     fig, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for r in ordered:
         accumulated = r.micro_batch < r.batch_size
         style = {
-            "color": batch_colour(r.batch_size),
+            "color": hues[r.batch_size],
             "linestyle": "--" if accumulated else "-",
             "marker": "o" if accumulated else None,
             "markersize": 4,

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from analysis.accumulation import accumulation_curves
-from analysis.hessian import hessian_density_plot, hessian_eigenvalues_plot
+from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
 from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
 from analysis.masters_luschi import ml_accuracy_vs_lr, ml_best_vs_batch, ml_bn_heatmap
@@ -317,19 +317,54 @@ def _interpolation_title(record: dict[str, Any], runs: Sequence[RunRecord], scal
     return f"Keskar et al. Fig. 3 — {describe(involved, scale)}; x_s: B={a}, x_l: B={b}, BN: {bn}"
 
 
+FIGURES = (
+    "keskar_fig4",
+    "keskar_fig5",
+    "interpolation",
+    "hessian_eigenvalues",
+    "hessian_density",
+    "noise_scale",
+    "steps_vs_examples",
+    "ml_accuracy_vs_lr",
+    "ml_best_vs_batch",
+    "ml_bn_heatmap",
+    "accumulation",
+)
+
+
+def check_figure_names(names: Iterable[str]) -> list[str]:
+    """The figure names as a list, or a SharpError naming the first unknown one."""
+    names = list(names)
+    for name in names:
+        if name not in FIGURES:
+            raise SharpError(f"figure {name!r} is unknown: choose from {', '.join(FIGURES)}")
+    return names
+
+
 def _figures(
     runs: Sequence[RunRecord],
     figures_dir: Path,
     scale: str | None,
     interpolations: Iterable[dict[str, Any] | str | Path],
     goal_losses: Sequence[float] | None,
+    only: Collection[str] | None = None,
 ) -> tuple[list[Figure], list[str]]:
-    """Draw what the runs support; return the figures and why the others were not drawn."""
+    """Draw what the runs support (of the figures named in `only`, when given); return the
+    figures and why the others were not drawn."""
     drawn: list[Figure] = []
     skipped: list[str] = []
     text = describe(runs, scale)
 
-    def attempt(heading: str, caption: str, alt: str, draw: Callable[[], Any]) -> None:
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    def skip(name: str, reason: str) -> None:
+        if wanted(name):
+            skipped.append(reason)
+
+    def attempt(name: str, heading: str, caption: str, alt: str, draw: Callable[[], Any]) -> None:
+        if not wanted(name):
+            return
         try:
             result = draw()
         except SharpError as exc:
@@ -342,6 +377,7 @@ def _figures(
     probed = [r for r in runs if eps is not None and r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
     if len(batch_sizes(probed)) >= 2:
         attempt(
+            "keskar_fig4",
             "Keskar et al. 2017, Fig. 4: accuracy and sharpness against batch size",
             f"Final test accuracy (left axis, circles) and full-space ε-sharpness with ε = {eps:g} "
             "(right axis, squares) against batch size, mean ± std over seeds. Keskar et al. see "
@@ -350,11 +386,12 @@ def _figures(
             lambda: keskar_batch_size(runs, figures_dir, eps=eps, scale=scale),
         )
     else:
-        skipped.append("Keskar Fig. 4: needs final ε-sharpness probes at two or more batch sizes")
+        skip("keskar_fig4", "Keskar Fig. 4: needs final ε-sharpness probes at two or more batch sizes")
 
     epoch_eps = _sharpness_eps(runs, epoch_checkpoints=True)
     if epoch_eps is not None:
         attempt(
+            "keskar_fig5",
             "Keskar et al. 2017, Fig. 5/6: sharpness along training",
             f"Full-space ε-sharpness (ε = {epoch_eps:g}) at each epoch checkpoint against the training "
             "cross-entropy there; the x-axis is reversed so training proceeds to the right. In the paper "
@@ -363,9 +400,11 @@ def _figures(
             lambda: keskar_sharpness_along_training(runs, figures_dir, eps=epoch_eps, scale=scale),
         )
     else:
-        skipped.append("Keskar Fig. 5/6: needs ε-sharpness probes at epoch checkpoints (--checkpoint all)")
+        skip(
+            "keskar_fig5", "Keskar Fig. 5/6: needs ε-sharpness probes at epoch checkpoints (--checkpoint all)"
+        )
 
-    for index, item in enumerate(interpolations, start=1):
+    for index, item in enumerate(interpolations if wanted("interpolation") else (), start=1):
         try:
             record = _load_interpolation(item)
             title = _interpolation_title(record, runs, scale)
@@ -388,26 +427,34 @@ def _figures(
 
     if any(r.probe("hessian_eigenvalues") for r in runs):
         attempt(
+            "hessian_eigenvalues",
             "Hessian: top eigenvalues",
             "Top-k Hessian eigenvalues at the final checkpoint, runs ordered by batch size (log scale).",
             f"Top Hessian eigenvalues per run ordered by batch size ({text})",
             lambda: hessian_eigenvalues_plot(runs, figures_dir, scale=scale),
         )
     else:
-        skipped.append("Hessian eigenvalues: no hessian_eigenvalues probe at 'final' (sharp probe --hessian)")
+        skip(
+            "hessian_eigenvalues",
+            "Hessian eigenvalues: no hessian_eigenvalues probe at 'final' (sharp probe --hessian)",
+        )
     if any(r.probe("hessian_density") for r in runs):
         attempt(
+            "hessian_density",
             "Hessian: spectral density",
             "Smoothed Hessian spectral density (stochastic Lanczos quadrature) at the final checkpoint, one "
-            "panel per batch size, log density with a floor of 1e-6.",
+            f"panel per batch size, log density with a floor of {DENSITY_FLOOR:g}.",
             f"Hessian eigenvalue density, small and large batch side by side ({text})",
             lambda: hessian_density_plot(runs, figures_dir, scale=scale),
         )
     else:
-        skipped.append("Hessian density: no hessian_density probe at 'final' (sharp probe --density)")
+        skip(
+            "hessian_density", "Hessian density: no hessian_density probe at 'final' (sharp probe --density)"
+        )
 
     if any(finite(m.get("noise_b_simple")) for r in runs for m in r.metrics):
         attempt(
+            "noise_scale",
             "McCandlish et al. 2018: gradient noise scale during training",
             "Online B_simple = tr(Σ)/|G|² against examples seen; dotted lines are the batch sizes used. "
             "Batches well below B_simple scale almost perfectly; batches well above it waste examples.",
@@ -415,12 +462,13 @@ def _figures(
             lambda: noise_scale_over_training(runs, figures_dir, scale=scale),
         )
     else:
-        skipped.append("Noise scale: no noise_b_simple in metrics.jsonl (sharp train --noise-scale)")
+        skip("noise_scale", "Noise scale: no noise_b_simple in metrics.jsonl (sharp train --noise-scale)")
 
     goals = list(goal_losses) if goal_losses is not None else default_goal_losses(runs)
     if goals and len(batch_sizes(runs)) >= 3:  # two points determine the two-parameter fit exactly
         several = any(len([r for r in runs if r.batch_size == b]) > 1 for b in batch_sizes(runs))
         attempt(
+            "steps_vs_examples",
             "McCandlish et al. 2018: steps against examples",
             "Optimizer steps S and examples E = S × B each run needed to reach each goal training loss "
             f"({', '.join(f'{g:g}' for g in goals)}), with the fitted (S/S_min − 1)(E/E_min − 1) = 1; "
@@ -431,10 +479,17 @@ def _figures(
             lambda: steps_vs_examples(runs, figures_dir, goals, scale=scale, best_per_batch=several),
         )
     else:
-        skipped.append("Steps vs examples: needs three or more batch sizes and a goal loss the runs reach")
+        skip(
+            "steps_vs_examples",
+            "Steps vs examples: needs three or more batch sizes and a goal loss the runs reach",
+        )
 
-    if len({r.settings.get("base_lr") for r in runs if r.settings.get("base_lr") is not None}) >= 2:
+    several_rates = (
+        len({r.settings.get("base_lr") for r in runs if r.settings.get("base_lr") is not None}) >= 2
+    )
+    if several_rates:
         attempt(
+            "ml_accuracy_vs_lr",
             "Masters & Luschi 2018: test accuracy against base learning rate",
             "Test accuracy (median of the last 5 evaluations) against η̃ = η/m, one curve per batch "
             "size; X at the bottom marks diverged runs.",
@@ -442,18 +497,20 @@ def _figures(
             lambda: ml_accuracy_vs_lr(runs, figures_dir, scale=scale),
         )
         attempt(
+            "ml_best_vs_batch",
             "Masters & Luschi 2018: best test accuracy against batch size",
             "The best test accuracy over η̃ at each batch size, labelled with the η̃ that gave it.",
             f"Best test accuracy over learning rates against batch size ({text})",
             lambda: ml_best_vs_batch(runs, figures_dir, scale=scale),
         )
     else:
-        skipped.append("Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values")
+        skip("ml_accuracy_vs_lr", "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values")
     decoupled = any(
         len({r.bn_batch for r in runs if r.batch_size == b and r.bn_batch}) > 1 for b in batch_sizes(runs)
     )
     if decoupled:
         attempt(
+            "ml_bn_heatmap",
             "Masters & Luschi 2018: BN batch against SGD batch",
             "Test accuracy (best over η̃) for each SGD batch (x) and BN batch (y); X: every run diverged; "
             "—: not run.",
@@ -461,13 +518,15 @@ def _figures(
             lambda: ml_bn_heatmap(runs, figures_dir, scale=scale),
         )
     else:
-        skipped.append(
-            "Masters & Luschi BN heatmap: needs one SGD batch size run at two or more BN batch sizes"
+        skip(
+            "ml_bn_heatmap",
+            "Masters & Luschi BN heatmap: needs one SGD batch size run at two or more BN batch sizes",
         )
 
     accumulated = _accumulation_runs(runs)
     if accumulated:
         attempt(
+            "accumulation",
             "Gradient accumulation against true batches",
             "Training cross-entropy and test accuracy against examples seen for runs with the same effective "
             "batch: true batches solid, accumulated micro-batches dashed with markers, one colour per "
@@ -477,7 +536,10 @@ def _figures(
             lambda: accumulation_curves(accumulated, figures_dir, scale=scale),
         )
     else:
-        skipped.append("Accumulation curves: needs one effective batch trained with two micro-batch sizes")
+        skip(
+            "accumulation",
+            "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+        )
     return drawn, skipped
 
 
@@ -491,6 +553,7 @@ def build_report(
     goal_losses: Sequence[float] | None = None,
     sb_batch: int | None = None,
     lb_batch: int | None = None,
+    figures: Iterable[str] | None = None,
 ) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png/.csv: Keskar et al. 2017's Tables 2-4 (when
     two or more batch sizes have sharpness probes) and every figure the runs support, decided from
@@ -498,8 +561,10 @@ def build_report(
     settings and the probe set and BN mode of every probe. `interpolations` are `sharp interp`
     records (dicts, interp.json files or their folders); `goal_losses` are McCandlish's goal
     training losses (default: chosen so that every run reaches them); `sb_batch` and `lb_batch`
-    are the batch sizes of Keskar's tables (default: the smallest and largest)."""
+    are the batch sizes of Keskar's tables (default: the smallest and largest); `figures` names
+    the figures to draw (from FIGURES; default: all the runs support)."""
     runs = list(runs)
+    only = None if figures is None else check_figure_names(figures)
     if not runs:
         raise SharpError(
             "no runs to report on: give run directories (or sweep folders) that hold config.json"
@@ -535,7 +600,7 @@ def build_report(
             "Data: [keskar_tables.csv](figures/keskar_tables.csv).",
         ]
 
-    drawn, skipped = _figures(runs, figures_dir, scale, interpolations, goal_losses)
+    drawn, skipped = _figures(runs, figures_dir, scale, interpolations, goal_losses, only)
     lines += ["", "## Figures"]
     for figure in drawn:
         png = next(p for p in figure.paths if p.suffix == ".png")

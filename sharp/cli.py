@@ -483,6 +483,12 @@ def demo(out: str, quick: bool) -> None:
     type=float,
     help="goal training loss of the steps-vs-examples fit; repeatable",
 )
+@click.option(
+    "--figure",
+    "figures",
+    multiple=True,
+    help="draw only this figure (keskar_fig4, interpolation, hessian_density, ...); repeatable",
+)
 def report(
     runs: tuple[str, ...],
     out: str,
@@ -490,13 +496,18 @@ def report(
     title: str | None,
     interpolations: tuple[str, ...],
     goal_losses: tuple[float, ...],
+    figures: tuple[str, ...],
 ) -> None:
     """Tables, figures and settings of run directories (or sweep / repro folders) as report.md."""
-    from analysis.report import build_report
+    from analysis.report import build_report, check_figure_names
     from analysis.results import load_runs
 
     if scale is not None:
         _choice(scale, "--scale", ("cpu", "full"))
+    try:
+        check_figure_names(figures)
+    except SharpError as exc:
+        raise SharpError(f"--figure: {exc}") from None
     for path in (*runs, *interpolations):
         if not Path(path).exists():
             raise SharpError(f"{path} does not exist; give run directories or folders holding them")
@@ -515,5 +526,6 @@ def report(
         title=title,
         interpolations=interpolations,
         goal_losses=list(goal_losses) or None,
+        figures=list(figures) or None,
     )
     click.echo(f"report: {path}")

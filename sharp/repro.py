@@ -128,6 +128,16 @@ class ReproSpec:
             for probe in probes:
                 make_config({k: v for k, v in probe.items() if k != "where"}, {}, ProbeConfig)
             spec.groups[group_name] = Group(group_name, grid.runs(), probes)
+        report = resolved.get("report", {})
+        extra = sorted(set(report) - {"goal_losses", "sb_batch", "lb_batch", "figures"})
+        if extra:
+            raise SharpError(
+                f"spec [report]: unknown key {extra[0]!r}; use goal_losses, sb_batch, lb_batch, figures"
+            )
+        if "figures" in report:
+            from analysis.report import check_figure_names
+
+            check_figure_names(report["figures"])
         spec.interpolations = list(resolved.get("interpolations", []))
         for index, interp in enumerate(spec.interpolations):
             for side in ("a", "b"):
@@ -225,6 +235,7 @@ def run_repro(
         goal_losses=options.get("goal_losses"),
         sb_batch=options.get("sb_batch"),
         lb_batch=options.get("lb_batch"),
+        figures=options.get("figures"),
     )
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started

@@ -698,6 +698,15 @@ def test_report_draws_ml_hessian_noise_and_accumulation_figures(tmp_path):
         assert f"figures/{name}.png" in text, name
     assert "keskar_fig4" not in text.split("Not drawn")[0]
 
+    chosen = build_report(
+        load_runs([root]), tmp_path / "only", figures=["hessian_density", "keskar_fig4"]
+    ).read_text()
+    drawn = {p.name for p in (tmp_path / "only" / "figures").glob("*.png")}
+    assert drawn == {"hessian_density.png"}  # keskar_fig4 asked for, but the runs hold no sharpness
+    assert "Keskar Fig. 4" in chosen and "Hessian eigenvalues" not in chosen
+    with pytest.raises(SharpError, match="figure 'fig9' is unknown"):
+        build_report(load_runs([root]), tmp_path / "bad", figures=["fig9"])
+
 
 def test_report_uses_the_given_sb_and_lb_batches(keskar_runs, tmp_path):
     default = build_report(keskar_runs, tmp_path / "d").read_text()

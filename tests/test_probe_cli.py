@@ -193,7 +193,27 @@ def test_report_command_on_runs_and_an_interpolation(runs, tmp_path):
     assert "sb" in text and "lb" in text and (tmp_path / "rep" / "figures" / "interpolation-1.png").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args in ([tmp_path / "missing"], [empty], [runs / "sb", "--scale", "huge"]):
+    only = invoke(
+        "report",
+        runs / "sb",
+        runs / "lb",
+        "--interp",
+        interp_out,
+        "--figure",
+        "hessian_density",
+        "--out",
+        tmp_path / "r3",
+    )
+    assert only.exit_code == 0, only.output
+    assert not (tmp_path / "r3" / "figures" / "interpolation-1.png").exists()  # drawn above, not chosen here
+    assert "![" not in (tmp_path / "r3" / "report.md").read_text()
+    bad_args = (
+        [tmp_path / "missing"],
+        [empty],
+        [runs / "sb", "--scale", "huge"],
+        [runs / "sb", "--figure", "x"],
+    )
+    for args in bad_args:
         bad = invoke("report", *args, "--out", tmp_path / "r2")
         assert bad.exit_code == 2 and bad.output.startswith("sharp: error:"), bad.output
 

@@ -115,6 +115,8 @@ def test_deep_merge_merges_tables_and_replaces_lists():
         ),
         ({"groups": {"g": {"probes": [{"eps": "x"}]}}}, "--eps 'x'"),
         ({"grid": {}}, "unknown key 'grid'"),
+        ({"report": {"goals": [1.0]}}, "unknown key 'goals'"),
+        ({"report": {"figures": ["keskar_fig4", "fig9"]}}, "figure 'fig9' is unknown"),
     ],
 )
 def test_bad_specs(spec, fragment):
