@@ -192,16 +192,23 @@ def run_repro(
     """Train and probe every run, compute the interpolations, write OUT/report.md; return its path."""
     out = Path(out)
     manifest = out / "repro.json"
+    history: list[dict[str, float]] = []  # the timings of earlier invocations, oldest first
     if manifest.exists():
         existing = json.loads(manifest.read_text())
-        if existing.get("spec") != spec.raw or existing.get("scale") != spec.scale:
+        if (
+            _what_runs(existing.get("spec", {})) != _what_runs(spec.raw)
+            or existing.get("scale") != spec.scale
+        ):
             raise SharpError(
                 f"{out} holds another reproduction ({existing.get('name')}, "
                 f"{existing.get('scale')}); choose another --out"
             )
+        history = [*existing.get("history", []), *([existing["timings"]] if existing.get("timings") else [])]
     (out / "runs").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    atomic_write_json(manifest, {**spec.describe(), "timings": timings, "state": "running"})
+    atomic_write_json(
+        manifest, {**spec.describe(), "timings": timings, "history": history, "state": "running"}
+    )
 
     started = time.perf_counter()
     jobs = spec.jobs(out)
@@ -240,8 +247,17 @@ def run_repro(
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
     counts = {s: states.count(s) for s in ("finished", "diverged", "failed") if states.count(s)}
-    atomic_write_json(manifest, {**spec.describe(), "timings": timings, "state": "finished", "runs": counts})
+    atomic_write_json(
+        manifest,
+        {**spec.describe(), "timings": timings, "history": history, "state": "finished", "runs": counts},
+    )
     return report
+
+
+def _what_runs(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved spec that decide its runs and interpolations (a reproduction may
+    be re-reported with other [report] options or titles, not re-run with other settings)."""
+    return {k: spec.get(k) for k in ("base", "groups", "interpolations")}
 
 
 def _interpolation(

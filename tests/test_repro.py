@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from sharp.cli import cli
 from sharp.errors import SharpError
-from sharp.repro import SPEC_DIR, ReproSpec, deep_merge
+from sharp.repro import SPEC_DIR, ReproSpec, deep_merge, run_repro
 
 SPECS = sorted(p.stem for p in SPEC_DIR.glob("*.toml"))
 
@@ -141,3 +142,55 @@ def test_demo_quick_writes_a_report_and_headline(tmp_path):
     assert (out / "interpolations" / "sb-lb" / "interp.json").exists()
     again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 0 and "2 runs" in again.output
+
+
+def _tiny_spec(**report):
+    return {
+        "name": "tiny",
+        "title": "tiny reproduction",
+        "base": {"dataset": "digits", "model": "mlp", "norm": "none", "steps": 4, "eval_every": 0.5},
+        "groups": {
+            "sb_lb": {
+                "axes": {"batch_size": [16, 256]},
+                "probes": [{"probe_set": 64, "sharpness": True, "eps": "1e-3", "maxiter": 2}],
+            },
+            "sizes": {"axes": {"batch_size": [16, 64]}},  # B=16 is shared with sb_lb: trained once
+        },
+        "interpolations": [
+            {
+                "name": "sb-lb",
+                "a": {"group": "sb_lb", "batch_size": 16},
+                "b": {"group": "sb_lb", "batch_size": 256},
+                "alphas": "0:1:3",
+                "train_set": 64,
+                "test_set": 64,
+            },
+        ],
+        "report": {"figures": ["keskar_fig4", "interpolation"], **report},
+    }
+
+
+def test_repro_runs_end_to_end_and_a_rerun_only_redraws(tmp_path):
+    out = tmp_path / "tiny"
+    report = run_repro(ReproSpec.from_dict(_tiny_spec()), out, echo=lambda _: None)
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 3 and all((out / "runs" / r / "final.pt").exists() for r in runs)
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
+        "interpolation-1.png",
+        "keskar_fig4_batch_size.png",
+    ]
+    assert "Small batch (SB) = B 16, large batch (LB) = B 256." in report.read_text()
+    first = (out / "repro.json").read_text()
+    stamps = {r: (out / "runs" / r / "final.pt").stat().st_mtime_ns for r in runs}
+
+    # other report options on the same runs: nothing retrained, the first timings kept
+    run_repro(ReproSpec.from_dict(_tiny_spec(sb_batch=64)), out, echo=lambda _: None)
+    assert {r: (out / "runs" / r / "final.pt").stat().st_mtime_ns for r in runs} == stamps
+    manifest = json.loads((out / "repro.json").read_text())
+    assert manifest["state"] == "finished" and manifest["history"] == [json.loads(first)["timings"]]
+    assert "Small batch (SB) = B 64" in report.read_text()
+
+    changed = _tiny_spec()
+    changed["base"]["steps"] = 5
+    with pytest.raises(SharpError, match="holds another reproduction"):
+        run_repro(ReproSpec.from_dict(changed), out, echo=lambda _: None)
