@@ -273,6 +273,7 @@ class ProbeConfig:
     trace_samples: int = _opt(100, "at most this many Rademacher vectors (HVPs) for --trace")
     density: bool = _opt(False, "Hessian spectral density (stochastic Lanczos quadrature)")
     density_iter: int = _opt(100, "Lanczos steps (HVPs) per run of --density")
+    density_runs: int = _opt(1, "random starting vectors of --density, averaged (PyHessian: 1)")
     landscape: bool = _opt(False, "loss along filter-normalized random directions (Li et al.)")
     landscape_range: str = _opt("-1:1:21", "start:stop:count of the --landscape scan")
     landscape_2d: bool = _opt(False, "scan a plane (two directions) instead of a line")
@@ -296,6 +297,7 @@ class ProbeConfig:
             "b_big",
             "trace_samples",
             "density_iter",
+            "density_runs",
         )
         if self.trace_samples < 2:
             raise SharpError(

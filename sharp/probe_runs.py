@@ -169,7 +169,7 @@ def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
             kwargs = dict(maxiter=cfg.trace_samples, min_samples=min(10, cfg.trace_samples), seed=cfg.seed)
             tasks.append(ProbeTask("hessian-trace", hessian_trace, kwargs))
         if cfg.density:
-            kwargs = dict(n_iter=cfg.density_iter, seed=cfg.seed)
+            kwargs = dict(n_runs=cfg.density_runs, n_iter=cfg.density_iter, seed=cfg.seed)
             tasks.append(ProbeTask("hessian-density", hessian_density, kwargs))
     if cfg.landscape:
         from sharp.probes.landscape import parse_alphas, random_direction_scan

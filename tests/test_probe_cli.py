@@ -230,11 +230,15 @@ def test_trace_samples_and_density_iterations_are_options(runs):
         "--density",
         "--density-iter",
         "7",
+        "--density-runs",
+        "2",
     )
     assert result.exit_code == 0, result.output
     trace = json.loads(next((runs / "lb" / "probes").glob("final.hessian-trace.*")).read_text())
     density = json.loads(next((runs / "lb" / "probes").glob("final.hessian-density.*")).read_text())
     assert len(trace["samples"]) == 4 and trace["evaluations"]["hvp"] == 4
-    assert len(density["ritz_values"][0]) == 7
+    assert len(density["ritz_values"]) == 2 and all(len(r) == 7 for r in density["ritz_values"])
     bad = invoke("probe", runs / "lb", "--trace", "--trace-samples", "1")
     assert bad.exit_code == 2 and "at least 2 samples" in bad.output
+    bad = invoke("probe", runs / "lb", "--density", "--density-runs", "0")
+    assert bad.exit_code == 2 and "--density-runs" in bad.output
