@@ -358,8 +358,8 @@ def _figures(
     def wanted(name: str) -> bool:
         return only is None or name in only
 
-    def skip(name: str, reason: str) -> None:
-        if wanted(name):
+    def skip(names: str | tuple[str, ...], reason: str) -> None:
+        if any(wanted(name) for name in ((names,) if isinstance(names, str) else names)):
             skipped.append(reason)
 
     def attempt(name: str, heading: str, caption: str, alt: str, draw: Callable[[], Any]) -> None:
@@ -484,10 +484,7 @@ def _figures(
             "Steps vs examples: needs three or more batch sizes and a goal loss the runs reach",
         )
 
-    several_rates = (
-        len({r.settings.get("base_lr") for r in runs if r.settings.get("base_lr") is not None}) >= 2
-    )
-    if several_rates:
+    if len({r.settings.get("base_lr") for r in runs if r.settings.get("base_lr") is not None}) >= 2:
         attempt(
             "ml_accuracy_vs_lr",
             "Masters & Luschi 2018: test accuracy against base learning rate",
@@ -504,7 +501,10 @@ def _figures(
             lambda: ml_best_vs_batch(runs, figures_dir, scale=scale),
         )
     else:
-        skip("ml_accuracy_vs_lr", "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values")
+        skip(
+            ("ml_accuracy_vs_lr", "ml_best_vs_batch"),
+            "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values",
+        )
     decoupled = any(
         len({r.bn_batch for r in runs if r.batch_size == b and r.bn_batch}) > 1 for b in batch_sizes(runs)
     )
