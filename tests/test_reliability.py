@@ -51,6 +51,13 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def _tiny_run(out, *length):
+    """Train a small MLP on digits into `out` (`length`: --steps N or --epochs N)."""
+    result = invoke("train", "--dataset", "digits", "--model", "mlp", *length, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def _one_line_error(result, code=2):
     assert result.exit_code == code, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -129,13 +136,7 @@ def test_a_second_writer_process_is_refused(tmp_path):
 
 
 def test_corrupt_last_checkpoint_names_the_fallback(tmp_path):
-    out = tmp_path / "r"
-    assert (
-        invoke(
-            "train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--out", out, "--quiet"
-        ).exit_code
-        == 0
-    )
+    out = _tiny_run(tmp_path / "r", "--epochs", "2")
     RunDir(out).set_status("running")  # as if killed
     last = out / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:300])
@@ -146,13 +147,7 @@ def test_corrupt_last_checkpoint_names_the_fallback(tmp_path):
 
 
 def test_hostile_final_checkpoint_is_refused_by_probe(tmp_path):
-    out = tmp_path / "r"
-    assert (
-        invoke(
-            "train", "--dataset", "digits", "--model", "mlp", "--steps", "2", "--out", out, "--quiet"
-        ).exit_code
-        == 0
-    )
+    out = _tiny_run(tmp_path / "r", "--steps", "2")
 
     class Hostile:
         def __reduce__(self):
@@ -197,13 +192,7 @@ def test_bad_folder_datasets_through_the_cli(tmp_path, make, fragment):
 
 @pytest.mark.parametrize(("alphas", "fragment"), [("1:0:0", "alpha"), ("a:b:c", "alpha"), ("", "alpha")])
 def test_empty_or_bad_alpha_range(tmp_path, alphas, fragment):
-    out = tmp_path / "r"
-    assert (
-        invoke(
-            "train", "--dataset", "digits", "--model", "mlp", "--steps", "1", "--out", out, "--quiet"
-        ).exit_code
-        == 0
-    )
+    out = _tiny_run(tmp_path / "r", "--steps", "1")
     line = _one_line_error(invoke("interp", out, out, "--alphas", alphas, "--out", tmp_path / "i"))
     assert fragment in line.lower()
 
@@ -287,12 +276,6 @@ def test_config_files_with_any_values_give_one_line_errors(table):
 
 
 def test_config_json_records_every_setting(tmp_path):
-    out = tmp_path / "r"
-    assert (
-        invoke(
-            "train", "--dataset", "digits", "--model", "mlp", "--steps", "1", "--out", out, "--quiet"
-        ).exit_code
-        == 0
-    )
+    out = _tiny_run(tmp_path / "r", "--steps", "1")
     settings_ = json.loads((out / "config.json").read_text())["settings"]
     assert set(settings_) == set(FIELDS)
