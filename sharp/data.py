@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sharp.errors import SharpError
+from sharp.progress import progress_bar
 
 SYNTHETIC_DEFAULT_SIZE = 2048
 CROP_PADDING = 4
@@ -263,7 +263,7 @@ def _build_folder_cache(splits: dict[str, list[tuple[Path, int]]], classes: list
     decoded = {}
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-        tqdm(total=total, desc="decoding images", unit="img", leave=False, disable=None) as bar,
+        progress_bar(total=total, desc="decoding images", unit="img", leave=False) as bar,
     ):
         for split, files in splits.items():
             arrays = []

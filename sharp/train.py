@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from sharp import __version__, runtime
 from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch
@@ -35,6 +34,7 @@ from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
 from sharp.models import build_model, is_conv_net, set_bn_batch
 from sharp.probes.noise import OnlineNoiseScale
+from sharp.progress import progress_bar
 from sharp.runs import (
     RunDir,
     append_jsonl,
@@ -173,7 +173,6 @@ class Trainer:
         self.dist = dist or Distributed()
         self.progress_bar = progress_bar and self.dist.is_main
         self.device = self.dist.device(runtime.select_device(cfg.device))
-        runtime.configure(self.device, cfg.deterministic)
         self.dataset = (
             dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
         )
@@ -443,12 +442,11 @@ class Trainer:
             last = self.evaluate_now(self.schedule(0), batch_size_at(self.cfg, 0))
             self.save_last()
         self.model.train()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=s.step,
             unit="step",
-            disable=not self.progress_bar,
-            dynamic_ncols=True,
+            enabled=self.progress_bar,
             desc=self.run.path.name,
         )
         started = time.perf_counter() - s.elapsed
@@ -530,7 +528,8 @@ def train(
     """
     run = RunDir(out)
     dist = Distributed.from_env()
-    with dist.session(runtime.select_device(cfg.device)):
+    device = dist.device(runtime.select_device(cfg.device))
+    with dist.session(device), runtime.torch_settings(device, deterministic=cfg.deterministic):
         if dist.is_main and not resume:
             run.prepare_new(overwrite)
         with run.lock() if dist.is_main else contextlib.nullcontext():

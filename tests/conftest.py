@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sharp.data import load_digits, load_synthetic
+from sharp.runtime import TorchFlags
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,12 @@ def synthetic():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_flags_restored():
+    """Every test leaves the process-wide torch flags (determinism, cuDNN, TF32, threads) as it
+    found them: runs and probes set what they need and restore the caller's settings."""
+    before = TorchFlags.current()
+    yield
+    assert TorchFlags.current() == before

@@ -16,26 +16,20 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.losses import LossFn, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BN_MODES = ("eval", "batch")
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default probe loss: mean cross-entropy of a batch."""
-    return F.cross_entropy(outputs, targets)
 
 
 def _jsonable(value: Any) -> Any:

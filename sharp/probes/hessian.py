@@ -28,10 +28,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
-from tqdm.auto import tqdm
 
 from sharp.errors import SharpError
 from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
+from sharp.progress import progress_bar
 
 __all__ = [
     "DensityResult",
@@ -301,7 +301,7 @@ def lanczos(
 
     process = _Lanczos(matvec, n, draw(), capacity=min(maxiter, max(2 * k + 20, 32)) + 1)
     converged = False
-    bar = tqdm(total=maxiter, desc="lanczos", disable=not progress, leave=False)
+    bar = progress_bar(total=maxiter, desc="lanczos", enabled=progress, leave=False)
     try:
         while True:
             process.step(restart=draw if process.m + 1 < k else None)
@@ -371,7 +371,7 @@ def power_iteration(
                 v = v - basis.T @ (basis @ v)
         return v / v.norm()
 
-    bar = tqdm(total=k, desc="power iteration", disable=not progress, leave=False)
+    bar = progress_bar(total=k, desc="power iteration", enabled=progress, leave=False)
     try:
         for _ in range(k):
             v = deflate(_random_vector(gen, n, "gaussian", dtype, device))
@@ -540,7 +540,7 @@ def hessian_trace(
     samples: list[float] = []
     trace = stderr = 0.0
     converged = False
-    bar = tqdm(total=maxiter, desc="hutchinson", disable=not progress, leave=False)
+    bar = progress_bar(total=maxiter, desc="hutchinson", enabled=progress, leave=False)
     try:
         while len(samples) < maxiter:
             v = _random_vector(gen, op.n, "rademacher", op.dtype, op.device)
@@ -613,7 +613,7 @@ def hessian_density(
     steps = min(n_iter, op.n)
     ritz_values: list[np.ndarray] = []
     weights: list[np.ndarray] = []
-    bar = tqdm(total=n_runs * steps, desc="SLQ", disable=not progress, leave=False)
+    bar = progress_bar(total=n_runs * steps, desc="SLQ", enabled=progress, leave=False)
     try:
         for _ in range(n_runs):
             v0 = _random_vector(gen, op.n, start, op.dtype, op.device)

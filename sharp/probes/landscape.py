@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
-from tqdm import tqdm
 
 from sharp.errors import SharpError
 from sharp.probes.common import (
@@ -37,6 +36,7 @@ from sharp.probes.common import (
     cross_entropy,
     prepare_batches,
 )
+from sharp.progress import progress_bar
 
 BN_BUFFER_MODES = ("recompute", "interpolate", "a")
 IGNORE_MODES = ("biasbn", "none")
@@ -223,7 +223,7 @@ def interpolate(
     has_bn = bool(_bn_modules(train.model))
     bn_updates = 0
     out: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    for alpha in tqdm(alpha_list, desc="interpolating", unit="point", disable=not progress):
+    for alpha in progress_bar(alpha_list, desc="interpolating", unit="point", enabled=progress):
         state = dict(sd_a)
         for key in blend_keys:
             # (1 − α)·a + α·b rather than a + α(b − a): exactly a at α=0 and exactly b at α=1.
@@ -470,7 +470,7 @@ def random_direction_scan(
     total = len(alpha_list) * len(grid_b)
     loss: list[Any] = []
     accuracy: list[Any] = []
-    with tqdm(total=total, desc="scanning", unit="point", disable=not progress) as bar:
+    with progress_bar(total=total, desc="scanning", unit="point", enabled=progress) as bar:
         for alpha in alpha_list:
             row_loss, row_acc = [], []
             for beta in grid_b:

@@ -39,10 +39,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from sharp.errors import SharpError
 from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
+from sharp.progress import progress_bar
 
 
 def noise_coefficient(size: int, population: int | None) -> float:
@@ -169,7 +169,7 @@ def gradient_noise_scale(
     gen = torch.Generator().manual_seed(seed)
 
     small, big, q_small, q_big = [], [], [], []
-    for _ in tqdm(range(n_pairs), desc="noise scale", disable=not progress, leave=False):
+    for _ in progress_bar(range(n_pairs), desc="noise scale", enabled=progress, leave=False):
         if replacement:
             index = torch.randint(0, n, (b_small + b_big,), generator=gen)
         else:

@@ -27,10 +27,10 @@ import scipy.linalg
 import scipy.optimize
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sharp.errors import SharpError
 from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
+from sharp.progress import progress_bar
 
 NORMS = ("linf", "l2")
 APGD_MOMENTUM = 0.75  # weight of the new step; 1 - 0.75 goes to the previous step (Croce & Hein 2020)
@@ -237,7 +237,7 @@ def epsilon_sharpness(
         if not math.isfinite(f0):
             raise SharpError(f"the loss at the given weights is {f0}: probe a model with a finite loss")
 
-        bar = tqdm(total=maxiter, desc="epsilon-sharpness", disable=not progress, leave=False)
+        bar = progress_bar(total=maxiter, desc="epsilon-sharpness", enabled=progress, leave=False)
         options = {"maxiter": maxiter, "gtol": 0.0}
         runs: list[tuple[str, scipy.optimize.OptimizeResult]] = []
 
@@ -433,7 +433,7 @@ def adaptive_sharpness(
     try:
         chunks = _chunks(pm, m)
         per_chunk, losses, sizes = [], [], []
-        for chunk in tqdm(chunks, desc="adaptive sharpness", disable=not progress, leave=False):
+        for chunk in progress_bar(chunks, desc="adaptive sharpness", enabled=progress, leave=False):
             f0, increase = _worst_case_chunk(pm, chunk, w, c, rho, norm, steps)
             per_chunk.append(increase)
             losses.append(f0)
@@ -498,7 +498,7 @@ def average_sharpness(
     try:
         f0 = pm.loss()
         increases = []
-        for _ in tqdm(range(n_draws), desc="average sharpness", disable=not progress, leave=False):
+        for _ in progress_bar(range(n_draws), desc="average sharpness", enabled=progress, leave=False):
             if norm == "l2":
                 xi = torch.randn(w.shape, generator=generator, dtype=torch.float64)
             else:

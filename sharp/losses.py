@@ -1,0 +1,59 @@
+"""The losses a run trains on and its probes measure: cross-entropy, or the squared loss of
+Cohen et al. 2021 ("Gradient Descent on Neural Networks Typically Occurs at the Edge of
+Stability"), ½‖f(x) − onehot(y)‖² per example.
+
+Each loss comes as a sum over the batch (training divides it by the window's example count,
+so accumulation is exact) and as a mean over the batch (the probes' `loss_fn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sharp.errors import SharpError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES = ("ce", "mse")
+
+
+def cross_entropy_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="sum")
+
+
+def squared_loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over examples of ½‖outputs − onehot(targets)‖²."""
+    onehot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+    return 0.5 * (outputs - onehot).square().sum()
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a batch (the probes' default loss)."""
+    return F.cross_entropy(outputs, targets)
+
+
+def squared_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ½‖outputs − onehot(targets)‖²."""
+    return squared_loss_sum(outputs, targets) / len(targets)
+
+
+_SUMMED = {"ce": cross_entropy_sum, "mse": squared_loss_sum}
+_MEAN = {"ce": cross_entropy, "mse": squared_loss}
+
+
+def _check(name: str) -> str:
+    if name not in LOSSES:
+        raise SharpError(f"--loss {name!r} is unknown: choose one of {', '.join(LOSSES)}")
+    return name
+
+
+def summed_loss(name: str) -> LossFn:
+    """The loss `name` summed over the batch."""
+    return _SUMMED[_check(name)]
+
+
+def mean_loss(name: str) -> LossFn:
+    """The loss `name` averaged over the batch."""
+    return _MEAN[_check(name)]
