@@ -27,8 +27,7 @@ from sharp.models import build_model
 from sharp.probes.common import Batch, ProbeModel
 from sharp.probes.hessian import HessianOperator, hessian_top_eigenvalues
 from sharp.probes.sharpness import epsilon_sharpness
-from sharp.runs import RunDir
-from sharp.train import EVAL_BATCH, Trainer, evaluate, train
+from sharp.train import EVAL_BATCH, Training, build, evaluate, train, train_step
 
 BASE_LR = 0.02  # any stable rate: speed does not depend on it, but a diverged run would stop the timing
 MOMENTUM = 0.9
@@ -99,9 +98,9 @@ def make_trainer(
     channels_last: bool | None = None,
     precision: str = "fp32",
     compile: bool = False,
-) -> tuple[Trainer, tempfile.TemporaryDirectory]:
-    """A real Trainer (device-resident uint8 data, batched augmentation on the device,
-    channels_last, exact accumulation); nothing is written to its run directory."""
+) -> Training:
+    """sharp's own training setup (device-resident uint8 data, batched augmentation on the
+    device, channels_last, exact accumulation), as `sharp train` builds it; it writes nothing."""
     cfg = TrainConfig(
         dataset="synthetic",
         model=model,
@@ -119,22 +118,22 @@ def make_trainer(
         compile=compile,
     )
     cfg.validate()
-    tmp = tempfile.TemporaryDirectory(prefix="sharp-bench-")
-    return Trainer(cfg, RunDir(Path(tmp.name) / "run"), dataset=ds, progress_bar=False), tmp
+    return build(cfg, dataset=ds)
 
 
-def trainer_windows(trainer: Trainer, batch: int, micro: int) -> Iterator[Any]:
-    """The optimizer steps of Trainer.windows, epoch after epoch (without its epoch-end
-    checkpoint writes, which are not part of the training loop's throughput)."""
+def trainer_windows(trainer: Training, batch: int, micro: int) -> Iterator[Any]:
+    """The optimizer steps' windows, epoch after epoch, as the training loop takes them."""
     epoch = 0
     while True:
         yield from trainer.train_loader.windows(epoch, batch, micro)
         epoch += 1
 
 
-def sharp_steps(trainer: Trainer, windows: Iterator[Any], steps: int) -> None:
+def sharp_steps(trainer: Training, windows: Iterator[Any], steps: int) -> None:
+    """`steps` calls of the training loop's own step function (no host sync inside a step; the
+    timing harness synchronizes CUDA around each timed run)."""
     for _ in range(steps):
-        trainer.train_step(next(windows), BASE_LR)  # syncs: reads the step's loss
+        train_step(trainer, next(windows), BASE_LR)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
@@ -165,21 +164,20 @@ def bench_train(
     accum = batch // micro
     if accum * micro != batch:
         raise ValueError("batch must be a multiple of micro")
-    trainer, tmp = make_trainer(ds, device, model, batch, micro, width=width)
+    trainer = make_trainer(ds, device, model, batch, micro, width=width)
     windows = trainer_windows(trainer, batch, micro)
     runs = {"sharp": lambda: sharp_steps(trainer, windows, steps)}
     setup = {"sharp": lambda: sharp_steps(trainer, windows, 1)}
-    tmp_plain = None
     if decompose:
-        plain, tmp_plain = make_trainer(ds, device, model, batch, micro, width=width, channels_last=False)
+        plain = make_trainer(ds, device, model, batch, micro, width=width, channels_last=False)
         plain_windows = trainer_windows(plain, batch, micro)
         runs["sharp_default_layout"] = lambda: sharp_steps(plain, plain_windows, steps)
         setup["sharp_default_layout"] = lambda: sharp_steps(plain, plain_windows, 1)
 
-    tmp_fast, compiled = None, False
+    compiled = False
     if fastest:
         compiled = compiler_works()
-        fast, tmp_fast = make_trainer(
+        fast = make_trainer(
             ds, device, model, batch, micro, width=width, precision="bf16", compile=compiled
         )
         fast_windows = trainer_windows(fast, batch, micro)
@@ -230,10 +228,6 @@ def bench_train(
         times = side_by_side(runs, device, reps=reps, warmup=warmup, setup=setup)
     finally:
         state["it"] = None  # the loader and its persistent workers go when this function returns
-        tmp.cleanup()
-        for folder in (tmp_plain, tmp_fast):
-            if folder is not None:
-                folder.cleanup()
     images = steps * batch
     rates = {name: images / median(values) for name, values in times.items()}
     sharp_rate, naive_rate = rates["sharp"], rates["naive"]
@@ -306,23 +300,19 @@ def bench_accumulation(
 ) -> dict[str, Any]:
     """Time per example of B as B/micro micro-batches over B as one batch, minus 1 (no BN, so
     both compute the same gradient)."""
-    split, tmp_split = make_trainer(ds, device, model, batch, micro, norm="none", width=width)
-    whole, tmp_whole = make_trainer(ds, device, model, batch, batch, norm="none", width=width)
+    split = make_trainer(ds, device, model, batch, micro, norm="none", width=width)
+    whole = make_trainer(ds, device, model, batch, batch, norm="none", width=width)
     split_windows = trainer_windows(split, batch, micro)
     whole_windows = trainer_windows(whole, batch, batch)
-    try:
-        times = side_by_side(
-            {
-                "accumulated": lambda: sharp_steps(split, split_windows, steps),
-                "one_batch": lambda: sharp_steps(whole, whole_windows, steps),
-            },
-            device,
-            reps=reps,
-            warmup=warmup,
-        )
-    finally:
-        tmp_split.cleanup()
-        tmp_whole.cleanup()
+    times = side_by_side(
+        {
+            "accumulated": lambda: sharp_steps(split, split_windows, steps),
+            "one_batch": lambda: sharp_steps(whole, whole_windows, steps),
+        },
+        device,
+        reps=reps,
+        warmup=warmup,
+    )
     return {
         "value": median(times["accumulated"]) / median(times["one_batch"]) - 1,
         "settings": {

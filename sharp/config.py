@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sharp.errors import SharpError
+from sharp.losses import LOSSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,7 +93,24 @@ class TrainConfig:
     until_train_loss: float | None = _opt(None, "stop early once the evaluated training loss is at most X")
     eval_every: float = _opt(1.0, "evaluate every X epochs (fractions allowed)")
     checkpoint_every: int | None = _opt(None, "also keep checkpoints/epoch-NNNN.pt every K epochs")
+    until_plateau: int | None = _opt(
+        None, "stop once the evaluated training loss has not improved for K evaluations (Keskar et al.)"
+    )
+    plateau_tol: float = _opt(
+        0.01, "--until-plateau: an improvement must lower the best loss by this fraction"
+    )
+    eval_batch: int | None = _opt(
+        None,
+        "examples per evaluation forward (default 1024 on GPU, 256 on CPU; 5000 for batch-statistics BN)",
+    )
     noise_scale: bool = _opt(False, "log the online gradient noise scale B_simple")
+    tensorboard: bool = _opt(False, "also write metrics as TensorBoard scalars to RUN/tensorboard/")
+    # loss and initialization
+    loss: str = _opt("ce", "ce (cross-entropy) or mse (1/2 |f(x) - onehot(y)|^2, Cohen et al.)", LOSSES)
+    init_seed: int | None = _opt(None, "seed of the initial weights alone (default: --seed)")
+    init_from: str | None = _opt(
+        None, "start from another run's weights (RUN, RUN/final.pt or a checkpoint file); fresh optimizer"
+    )
     # runtime
     seed: int = _opt(0, "seed of initialization, data order and augmentation")
     deterministic: bool = _opt(False, "use deterministic kernels (bit-reproducible runs)")
@@ -100,6 +118,8 @@ class TrainConfig:
     precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp64", PRECISIONS)
     channels_last: bool | None = _opt(None, "channels_last memory layout (default: on for conv nets)")
     compile: bool = _opt(False, "torch.compile the model (opt-in)")
+    tf32: bool = _opt(False, "let CUDA run fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa)")
+    sync_bn: bool = _opt(False, "DDP: normalize BN over the micro-batches of all ranks together")
 
     command: ClassVar[str] = "train"
 
@@ -195,8 +215,10 @@ def validate(cfg: TrainConfig) -> None:
         "base_lr",
         "gamma",
         "until_train_loss",
+        "until_plateau",
+        "eval_batch",
     )
-    _non_negative(cfg, "momentum", "weight_decay")
+    _non_negative(cfg, "momentum", "weight_decay", "plateau_tol")
     if not 0 <= cfg.warmup < 1:
         raise SharpError(f"--warmup {cfg.warmup} is a fraction of the steps: choose 0 <= x < 1")
     if cfg.micro_batch is not None and cfg.micro_batch > cfg.batch_size and not cfg.batch_schedule:
@@ -237,6 +259,10 @@ def validate(cfg: TrainConfig) -> None:
                     f"--noise-scale needs --micro-batch smaller than --batch-size (batch {batch}): it "
                     f"compares micro-batch with batch gradients: e.g. --micro-batch {batch // 4 or 1}"
                 )
+    if cfg.sync_bn and (cfg.norm != "bn" or cfg.bn_batch is not None):
+        raise SharpError(
+            "--sync-bn normalizes whole micro-batches across ranks: use --norm bn without --bn-batch"
+        )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
 

@@ -351,6 +351,7 @@ class Window:
     positions: torch.Tensor  # positions in the epoch's permutation
     micro_batch: int
     end: int  # epoch position after this window
+    last: bool = False  # the epoch's last window
 
     @property
     def count(self) -> int:
@@ -426,11 +427,10 @@ class DeviceLoader:
         self.start_epoch(epoch)
         n = len(self)
         positions = torch.arange(n, device=self.device)
-        for begin in range(start, n, batch_size):
+        stop = n - n % batch_size if drop_last else n
+        for begin in range(start, stop, batch_size):
             end = min(begin + batch_size, n)
-            if drop_last and end - begin < batch_size:
-                return
-            yield Window(self, positions[begin:end], micro_batch, end)
+            yield Window(self, positions[begin:end], micro_batch, end, last=end >= stop)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All examples in stored order, normalized and never augmented (for evaluation)."""

@@ -74,23 +74,38 @@ class Distributed:
             for tensor in tensors:
                 dist.broadcast(tensor.data, src=0)
 
-    def all_reduce_step(
-        self, params: list[torch.nn.Parameter], loss_sum: torch.Tensor, correct: torch.Tensor, stop: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Sum the step's gradients, loss and correct count over ranks in one all-reduce, and
-        learn whether any rank was asked to stop (so that all stop after the same step)."""
+    def all_reduce_step(self, params: list[torch.nn.Parameter], values: torch.Tensor) -> torch.Tensor:
+        """Sum the step's gradients over ranks, and with them the 1-D tensor `values` (loss sum,
+        correct count, stop flag, noise-scale sums, ...), in one all-reduce; returns the summed
+        values (in the gradients' dtype). Nothing is read back to the host."""
         if not self.enabled:
-            return loss_sum, correct, stop
+            return values
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        extras = torch.stack(
-            [loss_sum.to(grads[0]), correct.to(grads[0]), torch.tensor(float(stop)).to(grads[0])]
-        )
-        dist.all_reduce(flat := torch.cat([g.reshape(-1) for g in grads] + [extras]))
+        flat = torch.cat([g.reshape(-1) for g in grads] + [values.to(grads[0])])
+        dist.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(p)
             offset += g.numel()
-        return flat[-3].clone(), flat[-2].round().long(), bool(flat[-1] > 0)
+        return flat[offset:].clone()
+
+    def average_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank the mean over ranks of each floating-point buffer (BN running means
+        and variances), so that what is evaluated and saved reflects every rank's data, not
+        rank 0's share alone. Integer buffers (BN's batch counters) are the same on every rank."""
+        if not self.enabled:
+            return
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (to stop together)."""

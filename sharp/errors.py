@@ -8,9 +8,13 @@ class SharpError(Exception):
 
 
 class RunDiverged(SharpError):
-    """Training met a NaN or infinite loss; the run is marked `diverged`."""
+    """Training met a NaN or infinite loss at optimizer step `step`; the run is marked `diverged`."""
 
     exit_code = 3
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class Interrupted(SharpError):

@@ -1,5 +1,11 @@
 """The training loop: exact gradient accumulation, LR rules, evaluation, checkpoints.
 
+It reads top to bottom: `build` makes everything a run trains with from its settings;
+`train_step` runs one optimizer step over a window of micro-batches, with no I/O and no
+host synchronisation (losses, counts and the divergence flag stay on the device); `fit` is
+the loop, which says in plain `if`s when it evaluates, checkpoints and stops; `train` owns
+the run directory around it.
+
 Each optimizer step takes a window of B examples from the epoch's permutation and runs it
 as micro-batches of b. Every micro-batch contributes its summed loss divided by the number
 of examples in the whole window (a short last window included), so the accumulated gradient
@@ -11,46 +17,52 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import math
 import platform
-import signal
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sharp import __version__, runtime
+from sharp.checkpoint import Checkpointer
 from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch
-from sharp.data import Dataset, DeviceLoader, balanced_subset, load_dataset, steps_per_epoch
+from sharp.data import (
+    Dataset,
+    DeviceLoader,
+    Window,
+    balanced_subset,
+    epoch_seed,
+    load_dataset,
+    steps_per_epoch,
+)
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
+from sharp.fileio import atomic_write_json, read_jsonl
+from sharp.losses import LossFn, cross_entropy_sum, summed_loss
+from sharp.metrics_log import MetricsLog
 from sharp.models import build_model, is_conv_net, set_bn_batch
 from sharp.probes.noise import OnlineNoiseScale
 from sharp.progress import progress_bar
-from sharp.runs import (
-    RunDir,
-    append_jsonl,
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    git_revision,
-    keep_previous,
-    load_checkpoint,
-    read_jsonl,
-)
+from sharp.runs import RunDir, git_revision, load_checkpoint
 from sharp.schedule import LRSchedule, batch_size_at
+from sharp.signals import StopRequested, StopSignals
 
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # no-grad batch: CPU forward throughput falls beyond ~256
+BATCH_STATISTICS_EVAL_BATCH = 5000  # Keskar et al. evaluate their batch-statistics BN nets 5,000 at a time
 NOISE_SCALE_DECAY = 0.99  # EMA decay per optimizer step of the online B_simple (--noise-scale)
 AUTO_AUGMENT_DATASETS = ("cifar10", "cifar100", "folder")
+CHECK_EVERY = 16  # optimizer steps between reads of the divergence flag (and, under DDP, the stop flag)
+TIMING_KEYS = ("wall_time", "train_time", "eval_time")  # the metrics that differ between identical runs
+
+
+# --- the pieces: accumulation, evaluation, optimizer ---------------------------------------
 
 
 @dataclass
@@ -60,6 +72,7 @@ class StepResult:
     loss_sum: torch.Tensor
     correct: torch.Tensor
     count: int
+    stop: torch.Tensor | None = None  # DDP: how many ranks were asked to stop (on device)
 
 
 def accumulate_gradients(
@@ -68,64 +81,78 @@ def accumulate_gradients(
     count: int,
     autocast: Any = None,
     after_backward: Callable[[int], None] | None = None,
+    loss_sum: LossFn = cross_entropy_sum,
 ) -> StepResult:
-    """Add to `.grad` the gradient of the mean cross-entropy over `count` examples.
+    """Add to `.grad` the gradient of the mean loss over `count` examples.
 
-    Each micro-batch's loss is its *sum* divided by `count`, the size of the whole window,
-    never a mean of micro-batch means: with unequal micro-batches the two differ.
-    `after_backward(n)` is called after each micro-batch's backward with its size (the
-    online noise scale reads `.grad` there).
+    Each micro-batch's loss is its *sum* (`loss_sum`, cross-entropy by default) divided by
+    `count`, the size of the whole window, never a mean of micro-batch means: with unequal
+    micro-batches the two differ. `after_backward(n)` is called after each micro-batch's
+    backward with its size (the online noise scale reads `.grad` there).
     """
-    loss_sum = correct = None
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for inputs, targets in micro_batches:
         with autocast or contextlib.nullcontext():
             outputs = model(inputs)
         if outputs.dtype not in (torch.float32, torch.float64):
             outputs = outputs.float()
-        loss = F.cross_entropy(outputs, targets, reduction="sum")
+        loss = loss_sum(outputs, targets)
         (loss / count).backward()
         if after_backward is not None:
             after_backward(len(targets))
-        batch_correct = (outputs.detach().argmax(1) == targets).sum()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        correct = batch_correct if correct is None else correct + batch_correct
-    if loss_sum is None:  # this rank's share of a short window was empty
-        device = next(model.parameters()).device
-        return StepResult(
-            torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), count
-        )
-    return StepResult(loss_sum, correct, count)
+        total = total + loss.detach()
+        correct = correct + (outputs.detach().argmax(1) == targets).sum()
+    return StepResult(total, correct, count)  # zeros if this rank's share of the window was empty
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast: Any = None
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    autocast: Any = None,
+    loss_sum: LossFn = cross_entropy_sum,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode (BN running statistics)."""
+    """Mean loss and accuracy in eval mode (BN running statistics, or each batch's own where a
+    BN layer keeps none); the sums stay on the device and are read once at the end."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = total = 0
+    total = correct = None
+    count = 0
     try:
         for inputs, targets in batches:
             with autocast or contextlib.nullcontext():
                 outputs = model(inputs)
             outputs = outputs.float() if outputs.dtype not in (torch.float32, torch.float64) else outputs
-            loss_sum += F.cross_entropy(outputs, targets, reduction="sum").double().cpu()
-            correct += int((outputs.argmax(1) == targets).sum())
-            total += len(targets)
+            batch_loss = loss_sum(outputs, targets).double()
+            batch_correct = (outputs.argmax(1) == targets).sum()
+            total = batch_loss if total is None else total + batch_loss
+            correct = batch_correct if correct is None else correct + batch_correct
+            count += len(targets)
     finally:
         model.train(was_training)
-    return float(loss_sum) / max(total, 1), correct / max(total, 1)
+    if total is None:
+        return 0.0, 0.0
+    return float(total) / count, int(correct) / count
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = model.parameters()
+def optimizer_options(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of the torch optimizer: fused kernels on CUDA (one launch per step)."""
+    options: dict[str, Any] = {"weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        options["momentum"] = cfg.momentum
+    if device.type == "cuda":
+        options["fused"] = True
+    return options
+
+
+def make_optimizer(
+    cfg: TrainConfig, model: nn.Module, lr: float, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    options = optimizer_options(cfg, device or torch.device("cpu"))
+    return kinds[cfg.optimizer](model.parameters(), lr=lr, **options)
 
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -141,376 +168,549 @@ def resolve_augment(cfg: TrainConfig) -> bool:
     return cfg.dataset.split(":", 1)[0] in AUTO_AUGMENT_DATASETS
 
 
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a BN layer normalizes with the batch's statistics at evaluation too (no running
+    statistics, Keras' BN mode 2): evaluation then depends on the evaluation batch."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()
+    )
+
+
+def resolve_eval_batch(cfg: TrainConfig, model: nn.Module, device: torch.device) -> int:
+    if cfg.eval_batch is not None:
+        return cfg.eval_batch
+    if uses_batch_statistics(model):
+        return BATCH_STATISTICS_EVAL_BATCH
+    return EVAL_BATCH.get(device.type, 256)
+
+
+def initial_weights(path: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The model weights of `--init-from`: a run directory (its final.pt) or a checkpoint file."""
+    source = Path(path)
+    if source.is_dir():
+        source = source / "final.pt"
+    if not source.is_file():
+        raise SharpError(
+            f"--init-from {path}: no such run or checkpoint (give RUN, RUN/final.pt or a .pt file)"
+        )
+    state = load_checkpoint(source)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return source, state
+
+
+# --- building a run -------------------------------------------------------------------------
+
+
 @dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so a resume continues exactly."""
+class Training:
+    """Everything one run trains with, made once by `build` from its settings."""
+
+    cfg: TrainConfig
+    dist: Distributed
+    device: torch.device
+    dtype: torch.dtype
+    dataset: Dataset
+    model: nn.Module  # the module whose state is saved
+    forward: nn.Module  # the model, or its compiled form
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    loss_sum: LossFn
+    autocast: Any
+    train_loader: DeviceLoader
+    eval_train: DeviceLoader
+    test: DeviceLoader
+    total_steps: int
+    eval_batch: int
+    channels_last: bool
+    noise: OnlineNoiseScale | None = None
+    init_source: str | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_loader)
+
+
+def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | None = None) -> Training:
+    """Data on the device, model (initialized from `init_seed`, or another run's weights),
+    optimizer, schedule and loss of one run."""
+    dist = dist or Distributed()
+    device = dist.device(runtime.select_device(cfg.device))
+    data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    if cfg.train_subset and cfg.train_subset > len(data.train_labels):
+        raise SharpError(
+            f"--train-subset {cfg.train_subset} exceeds the {len(data.train_labels)} training images"
+        )
+    train_index = (
+        balanced_subset(data.train_labels, cfg.train_subset, cfg.data_seed)
+        if cfg.train_subset
+        else torch.arange(len(data.train_labels))
+    )
+    dtype = runtime.parameter_dtype(cfg.precision)
+
+    torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
+    model = build_model(
+        cfg.model, data.in_channels, data.num_classes, data.image_size, cfg.width, cfg.norm, cfg.bn_batch
+    )
+    init_source = None
+    if cfg.init_from:
+        path, state = initial_weights(cfg.init_from)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise SharpError(f"--init-from {path} does not fit --model {cfg.model} ({first})") from None
+        init_source = str(path)
+    torch.manual_seed(epoch_seed(cfg.seed, 0, 2))  # the run's own stream (dropout), apart from the init
+    model = model.to(device=device, dtype=dtype)
+    set_bn_batch(model, cfg.bn_batch)
+    dist.broadcast_parameters(model.state_dict().values())
+    channels_last = cfg.channels_last if cfg.channels_last is not None else is_conv_net(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+
+    loader_args = dict(device=device, dtype=dtype, channels_last=channels_last)
+    train_images, train_labels = data.train_images[train_index], data.train_labels[train_index]
+    train_loader = DeviceLoader(
+        train_images,
+        train_labels,
+        data.mean,
+        data.std,
+        seed=cfg.seed,
+        augment=resolve_augment(cfg),
+        rank=dist.rank,
+        world_size=dist.world_size,
+        **loader_args,
+    )
+    eval_index = balanced_subset(train_labels, cfg.eval_train_size, cfg.data_seed + 1)
+    eval_train = DeviceLoader(
+        train_images[eval_index], train_labels[eval_index], data.mean, data.std, **loader_args
+    )
+    test_index = balanced_subset(
+        data.test_labels, cfg.test_subset or len(data.test_labels), cfg.data_seed + 2
+    )
+    test = DeviceLoader(
+        data.test_images[test_index], data.test_labels[test_index], data.mean, data.std, **loader_args
+    )
+
+    steps = total_steps(cfg, len(train_loader))
+    if steps == 0:
+        raise SharpError(
+            f"--drop-last with --batch-size {cfg.batch_size} larger than the {len(train_loader)} training "
+            "images leaves no steps: lower the batch or drop --drop-last"
+        )
+    schedule = LRSchedule.from_config(cfg, steps)
+    return Training(
+        cfg=cfg,
+        dist=dist,
+        device=device,
+        dtype=dtype,
+        dataset=data,
+        model=model,
+        forward=forward,
+        params=[p for p in model.parameters() if p.requires_grad],
+        optimizer=make_optimizer(cfg, model, schedule(0), device),
+        schedule=schedule,
+        loss_sum=summed_loss(cfg.loss),
+        autocast=runtime.autocast(device, cfg.precision),
+        train_loader=train_loader,
+        eval_train=eval_train,
+        test=test,
+        total_steps=steps,
+        eval_batch=resolve_eval_batch(cfg, model, device),
+        channels_last=channels_last,
+        # B_simple from each step's micro-batch and window gradients (McCandlish et al. 2018)
+        noise=OnlineNoiseScale(NOISE_SCALE_DECAY, len(train_loader)) if cfg.noise_scale else None,
+        init_source=init_source,
+    )
+
+
+# --- one optimizer step -------------------------------------------------------------------------
+
+
+def train_step(t: Training, window: Window, lr: float, stop: bool = False) -> StepResult:
+    """One optimizer step at rate `lr` over `window`: accumulate every micro-batch's gradient,
+    sum over ranks (one all-reduce, carrying loss, count, `stop` and the noise-scale sums),
+    update the online noise scale, step the optimizer. Nothing is read back to the host."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    t.optimizer.zero_grad(set_to_none=True)
+    noise = t.noise
+    if noise is not None:  # micro-batch and window gradients at the same parameters
+        noise.begin_step(t.model.parameters(), window.count)
+    result = accumulate_gradients(
+        t.forward,
+        window.micro_batches(),
+        window.count,
+        t.autocast,
+        noise.after_backward if noise is not None else None,
+        t.loss_sum,
+    )
+    if t.dist.enabled:
+        extras = [result.loss_sum.reshape(1), result.correct.reshape(1), torch.tensor([float(stop)])]
+        if noise is not None:
+            extras.append(noise.local_sums())
+        summed = t.dist.all_reduce_step(t.params, torch.cat([e.to(t.device, torch.float64) for e in extras]))
+        result = StepResult(summed[0], summed[1].round().long(), window.count, summed[2])
+        if noise is not None:
+            window_grad = torch.cat([p.grad.reshape(-1) for p in t.params])
+            noise.finish_step(
+                summed[3:6], torch.linalg.vector_norm(window_grad, dtype=torch.float64).square()
+            )
+    elif noise is not None:
+        noise.end_step()
+    t.optimizer.step()
+    return result
+
+
+# --- where a run stands -------------------------------------------------------------------------
+
+
+@dataclass
+class Cursor:
+    """Where training stands, saved in every checkpoint so that a resume continues exactly."""
 
     step: int = 0
     epoch: int = 0
     position: int = 0  # examples of the current epoch already used
     examples: int = 0
     next_eval: float = 0.0  # examples seen at which the next evaluation happens
-    elapsed: float = 0.0  # training wall time so far, seconds
-    interval_loss: float = 0.0
-    interval_correct: int = 0
-    interval_count: int = 0
+    last_eval_step: int = -1  # the step of the last evaluation written to metrics.jsonl
+    best_loss: float = math.inf  # --until-plateau: the best evaluated training loss so far
+    evals_since_best: int = 0
     stop_reason: str = ""
 
+    def advance(self, window: Window) -> None:
+        self.step += 1
+        self.position = window.end
+        self.examples += window.count
 
-class Trainer:
-    """One run: builds data, model and optimizer from a TrainConfig and trains into a RunDir."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        run: RunDir,
-        dataset: Dataset | None = None,
-        progress_bar: bool = True,
-        dist: Distributed | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.run = run
-        self.dist = dist or Distributed()
-        self.progress_bar = progress_bar and self.dist.is_main
-        self.device = self.dist.device(runtime.select_device(cfg.device))
-        self.dataset = (
-            dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-        )
-        data = self.dataset
-        if cfg.train_subset and cfg.train_subset > len(data.train_labels):
-            raise SharpError(
-                f"--train-subset {cfg.train_subset} exceeds the {len(data.train_labels)} training images"
-            )
-        train_index = (
-            balanced_subset(data.train_labels, cfg.train_subset, cfg.data_seed)
-            if cfg.train_subset
-            else torch.arange(len(data.train_labels))
-        )
-        self.dtype = runtime.parameter_dtype(cfg.precision)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(
-            cfg.model, data.in_channels, data.num_classes, data.image_size, cfg.width, cfg.norm, cfg.bn_batch
-        ).to(device=self.device, dtype=self.dtype)
-        set_bn_batch(self.model, cfg.bn_batch)
-        self.dist.broadcast_parameters(self.model.state_dict().values())
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else is_conv_net(self.model)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
-        loader_args = dict(device=self.device, dtype=self.dtype, channels_last=self.channels_last)
-        self.train_loader = DeviceLoader(
-            data.train_images[train_index],
-            data.train_labels[train_index],
-            data.mean,
-            data.std,
-            seed=cfg.seed,
-            augment=resolve_augment(cfg),
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            **loader_args,
-        )
-        eval_index = balanced_subset(self.train_loader.labels.cpu(), cfg.eval_train_size, cfg.data_seed + 1)
-        self.eval_train = DeviceLoader(
-            data.train_images[train_index][eval_index],
-            data.train_labels[train_index][eval_index],
-            data.mean,
-            data.std,
-            **loader_args,
-        )
-        test_index = balanced_subset(
-            data.test_labels, cfg.test_subset or len(data.test_labels), cfg.data_seed + 2
-        )
-        self.test = DeviceLoader(
-            data.test_images[test_index], data.test_labels[test_index], data.mean, data.std, **loader_args
-        )
-        self.n_train = len(self.train_loader)
-        self.total_steps = total_steps(cfg, self.n_train)
-        if self.total_steps == 0:
-            raise SharpError(
-                f"--drop-last with --batch-size {cfg.batch_size} larger than the {self.n_train} training "
-                "images leaves no steps: lower the batch or drop --drop-last"
-            )
-        self.schedule = LRSchedule.from_config(cfg, self.total_steps)
-        self.optimizer = make_optimizer(cfg, self.model, self.schedule(0))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.autocast = runtime.autocast(self.device, cfg.precision)
-        self.eval_batch = EVAL_BATCH.get(self.device.type, 256)
-        self.state = Progress()
-        self.signals = StopSignals()  # replaced by the live handler while fitting
-        self.stop_agreed = False
-        # B_simple from each step's micro-batch and window gradients (McCandlish et al. 2018)
-        self.noise = OnlineNoiseScale(NOISE_SCALE_DECAY, self.n_train) if cfg.noise_scale else None
+@dataclass
+class Interval:
+    """Training loss and accuracy summed since the last evaluation (on the device)."""
 
-    # --- settings ----------------------------------------------------------------------
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    count: int = 0
 
-    def derived(self) -> dict[str, Any]:
-        cfg = self.cfg
-        batch = batch_size_at(cfg, 0)
-        micro = resolved_micro_batch(cfg, batch)
-        world = self.dist.world_size
+    def add(self, result: StepResult) -> None:
+        self.loss_sum = self.loss_sum + result.loss_sum
+        self.correct = self.correct + result.correct
+        self.count += result.count
+
+    def means(self) -> tuple[float | None, float | None]:
+        if not self.count:
+            return None, None
+        return float(self.loss_sum) / self.count, int(self.correct) / self.count
+
+    def state(self) -> dict[str, Any]:
         return {
-            "lr": self.schedule.peak,
-            "total_steps": self.total_steps,
-            "effective_batch": batch,
-            "micro_batch": micro,
-            "world_size": world,
-            "accumulation_steps": math.ceil(batch / world / micro),  # per rank
-            "effective_batch_rule": "world_size shares of a batch, each as accumulation_steps micro-batches",
-            "bn_batch": (cfg.bn_batch or micro) if cfg.norm == "bn" else None,
-            "augment": self.train_loader.augment,
-            "channels_last": self.channels_last,
-            "n_train": self.n_train,
-            "n_test": len(self.test),
-            "n_eval_train": len(self.eval_train),
-            "num_classes": self.dataset.num_classes,
-            "in_channels": self.dataset.in_channels,
-            "image_size": self.dataset.image_size,
-            "dataset_mean": list(self.dataset.mean),
-            "dataset_std": list(self.dataset.std),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "warmup_steps": self.schedule.warmup_steps,
-            "noise_scale_decay": NOISE_SCALE_DECAY if self.noise is not None else None,
+            "interval_loss": float(self.loss_sum),
+            "interval_correct": int(self.correct),
+            "count": self.count,
         }
 
-    def environment(self) -> dict[str, Any]:
-        return {
-            "sharp": __version__,
-            "torch": torch.__version__,
-            "torchvision": importlib.metadata.version("torchvision"),
-            "python": platform.python_version(),
-            "device": runtime.describe_device(self.device),
-            "threads": torch.get_num_threads(),
-            "host": socket.gethostname(),
-            "git": git_revision(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
 
-    def write_config(self) -> None:
-        if not self.dist.is_main:
-            return
-        atomic_write_json(
-            self.run.config,
-            {
-                "settings": self.cfg.to_dict(),
-                "derived": self.derived(),
-                "environment": self.environment(),
-                "command": sys.argv,
-            },
+@dataclass
+class Clock:
+    """Seconds spent in optimizer steps and in evaluations, over every session of the run."""
+
+    train: float = 0.0
+    eval: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    earlier: float = 0.0  # wall time of the sessions before a resume
+
+    @property
+    def wall(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+
+def plateaued(cursor: Cursor, loss: float, patience: int, tol: float) -> bool:
+    """Keskar et al.'s "until the loss ceased to improve": a loss improves when it is below
+    best × (1 − tol); True once `patience` evaluations in a row have not improved."""
+    if loss < cursor.best_loss * (1 - tol):
+        cursor.best_loss, cursor.evals_since_best = loss, 0
+        return False
+    cursor.evals_since_best += 1
+    return cursor.evals_since_best >= patience
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_state(t: Training, state: RunState) -> dict[str, Any]:
+    """Everything a resume needs: model, optimizer, RNG states, cursor, partial interval, clock."""
+    clock = state.clock
+    saved = {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "progress": {**asdict(state.cursor), **state.interval.state()},
+        "clock": {"train": clock.train, "eval": clock.eval, "wall": clock.wall},
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if t.device.type == "cuda":
+        saved["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+    if t.noise is not None:
+        saved["noise_scale"] = t.noise.state_dict()
+    return saved
+
+
+def restore(t: Training, saved: dict[str, Any]) -> RunState:
+    """Put a checkpoint's model, optimizer, RNG and estimator states back; return its RunState."""
+    t.model.load_state_dict(saved["model"])
+    t.optimizer.load_state_dict(saved["optimizer"])
+    progress = dict(saved["progress"])
+    interval = Interval(
+        progress.pop("interval_loss"), progress.pop("interval_correct"), progress.pop("count")
+    )
+    cursor = Cursor(**{k: v for k, v in progress.items() if k in Cursor.__dataclass_fields__})
+    times = saved.get("clock", {})
+    clock = Clock(train=times.get("train", 0.0), eval=times.get("eval", 0.0), earlier=times.get("wall", 0.0))
+    torch.set_rng_state(saved["rng_cpu"])
+    if "rng_cuda" in saved and t.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng_cuda"], t.device)
+    if t.noise is not None and "noise_scale" in saved:
+        t.noise.load_state_dict(saved["noise_scale"])
+    return RunState(cursor, interval, clock)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def evaluation_record(
+    t: Training, cursor: Cursor, interval: Interval, clock: Clock, lr: float, batch: int
+) -> dict[str, Any]:
+    """One metrics.jsonl line: where training stands, the running training loss since the
+    last evaluation, and eval-mode loss and accuracy on the training subset and the test set."""
+    mark = time.perf_counter()
+    train_loss, train_acc = evaluate(t.forward, t.eval_train.batches(t.eval_batch), t.autocast, t.loss_sum)
+    test_loss, test_acc = evaluate(t.forward, t.test.batches(t.eval_batch), t.autocast, t.loss_sum)
+    clock.eval += time.perf_counter() - mark
+    running_loss, running_acc = interval.means()
+    record = {
+        "step": cursor.step,
+        "epoch": cursor.epoch + cursor.position / t.n_train,
+        "examples": cursor.examples,
+        "lr": lr,
+        "batch_size": batch,
+        "wall_time": round(clock.wall, 3),
+        "train_time": round(clock.train, 3),
+        "eval_time": round(clock.eval, 3),
+        "train_loss": running_loss,
+        "train_acc": running_acc,
+        "eval_train_loss": train_loss,
+        "eval_train_acc": train_acc,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+    }
+    if t.noise is not None:
+        record["noise_b_simple"] = t.noise.b_simple
+        record["noise_g2"] = t.noise.g2
+        record["noise_trace_sigma"] = t.noise.trace_sigma
+    return record
+
+
+def stop_reason(cfg: TrainConfig, cursor: Cursor, train_loss: float) -> str:
+    """Why training stops after an evaluation with this training loss ('' to go on)."""
+    if cfg.until_train_loss is not None and train_loss <= cfg.until_train_loss:
+        return "the evaluated training loss reached --until-train-loss"
+    if cfg.until_plateau is not None and plateaued(cursor, train_loss, cfg.until_plateau, cfg.plateau_tol):
+        return (
+            f"the evaluated training loss did not improve by more than {cfg.plateau_tol:g} (relative) "
+            f"in {cfg.until_plateau} evaluations (--until-plateau)"
         )
-
-    # --- checkpoints -------------------------------------------------------------------
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "progress": vars(self.state).copy(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.noise is not None:
-            state["noise_scale"] = self.noise.state_dict()
-        return state
-
-    def save_last(self) -> None:
-        if not self.dist.is_main:
-            return
-        keep_previous(self.run.last_checkpoint, self.run.previous_checkpoint)
-        atomic_torch_save(self.run.last_checkpoint, self.checkpoint_state())
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.state = Progress(**state["progress"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        if self.noise is not None and "noise_scale" in state:
-            self.noise.load_state_dict(state["noise_scale"])
-
-    def save_epoch_checkpoint(self, epoch: int) -> None:
-        if not self.dist.is_main:
-            return
-        atomic_torch_save(
-            self.run.epoch_checkpoint(epoch),
-            {
-                "model": self.model.state_dict(),
-                "epoch": epoch,
-                "step": self.state.step,
-                "examples": self.state.examples,
-            },
-        )
-
-    # --- the loop ----------------------------------------------------------------------
-
-    def evaluate_now(self, lr: float, batch: int) -> dict[str, Any]:
-        """Evaluate (rank 0), append to metrics.jsonl, and decide with every rank whether to stop."""
-        s = self.state
-        record: dict[str, Any] = {}
-        reached = False
-        if self.dist.is_main:
-            record = self.evaluation_record(lr, batch)
-            append_jsonl(self.run.metrics, record)
-            limit = self.cfg.until_train_loss
-            reached = limit is not None and record["eval_train_loss"] <= limit
-        s.interval_loss, s.interval_correct, s.interval_count = 0.0, 0, 0
-        s.next_eval += self.cfg.eval_every * self.n_train
-        self.evaluated_at = s.step
-        if self.dist.agree(reached):
-            s.stop_reason = "the evaluated training loss reached --until-train-loss"
-        return record
-
-    def evaluation_record(self, lr: float, batch: int) -> dict[str, Any]:
-        s = self.state
-        train_loss, train_acc = evaluate(
-            self.forward_model, self.eval_train.batches(self.eval_batch), self.autocast
-        )
-        test_loss, test_acc = evaluate(self.forward_model, self.test.batches(self.eval_batch), self.autocast)
-        record = {
-            "step": s.step,
-            "epoch": s.epoch + s.position / self.n_train,
-            "examples": s.examples,
-            "lr": lr,
-            "batch_size": batch,
-            "wall_time": round(s.elapsed, 3),
-            "train_loss": s.interval_loss / s.interval_count if s.interval_count else None,
-            "train_acc": s.interval_correct / s.interval_count if s.interval_count else None,
-            "eval_train_loss": train_loss,
-            "eval_train_acc": train_acc,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-        }
-        if self.noise is not None:
-            record["noise_b_simple"] = self.noise.b_simple
-            record["noise_g2"] = self.noise.g2
-            record["noise_trace_sigma"] = self.noise.trace_sigma
-        return record
-
-    def windows(self) -> Iterator[tuple[int, int, Any]]:
-        """(batch size, micro-batch, window) for every remaining step, across epochs."""
-        s = self.state
-        while True:
-            batch = batch_size_at(self.cfg, s.epoch)
-            micro = resolved_micro_batch(self.cfg, batch)
-            for window in self.train_loader.windows(s.epoch, batch, micro, self.cfg.drop_last, s.position):
-                yield batch, micro, window
-            self.end_epoch()
-
-    def end_epoch(self) -> None:
-        s = self.state
-        s.epoch += 1
-        s.position = 0
-        if self.cfg.checkpoint_every and s.epoch % self.cfg.checkpoint_every == 0:
-            self.save_epoch_checkpoint(s.epoch)
-        self.save_last()
-
-    def train_step(self, window: Any, lr: float) -> StepResult:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        noise = self.noise
-        if noise is not None:  # micro-batch and window gradients at the same parameters
-            noise.begin_step(self.model.parameters(), window.count)
-        result = accumulate_gradients(
-            self.forward_model,
-            window.micro_batches(),
-            window.count,
-            self.autocast,
-            noise.after_backward if noise is not None else None,
-        )
-        result.loss_sum, result.correct, self.stop_agreed = self.dist.all_reduce_step(
-            self.params, result.loss_sum, result.correct, self.signals.requested
-        )
-        loss = float(result.loss_sum) / window.count
-        if not math.isfinite(loss):
-            raise RunDiverged(f"training diverged at step {self.state.step}: loss {loss} at lr {lr:g}")
-        if noise is not None:
-            noise.end_step()
-        self.optimizer.step()
-        return result
-
-    def fit(self, fresh: bool = True) -> dict[str, Any]:
-        """Train to the end (or until stopped) and return the last evaluation; a `fresh` run
-        first records its initial state (step-0 evaluation and checkpoints)."""
-        s = self.state
-        self.evaluated_at = -1
-        last: dict[str, Any] = {}
-        if fresh:
-            if self.cfg.checkpoint_every:
-                self.save_epoch_checkpoint(0)
-            last = self.evaluate_now(self.schedule(0), batch_size_at(self.cfg, 0))
-            self.save_last()
-        self.model.train()
-        bar = progress_bar(
-            total=self.total_steps,
-            initial=s.step,
-            unit="step",
-            enabled=self.progress_bar,
-            desc=self.run.path.name,
-        )
-        started = time.perf_counter() - s.elapsed
-        rate_mark, rate_examples = time.perf_counter(), s.examples
-        with bar:
-            for batch, _micro, window in self.windows():
-                if s.step >= self.total_steps or s.stop_reason:
-                    break
-                lr = self.schedule(s.step)
-                result = self.train_step(window, lr)
-                s.step += 1
-                s.position = window.end
-                s.examples += window.count
-                s.interval_loss += float(result.loss_sum)
-                s.interval_correct += int(result.correct)
-                s.interval_count += window.count
-                s.elapsed = time.perf_counter() - started
-                bar.update()
-                now = time.perf_counter()
-                if now - rate_mark > 1.0:
-                    bar.set_postfix(
-                        img_s=f"{(s.examples - rate_examples) / (now - rate_mark):.0f}",
-                        loss=f"{float(result.loss_sum) / window.count:.3f}",
-                        lr=f"{lr:.3g}",
-                    )
-                    rate_mark, rate_examples = now, s.examples
-                if s.examples >= s.next_eval or s.step >= self.total_steps:
-                    last = self.evaluate_now(lr, batch)
-                    self.save_last()
-                if self.stop_agreed:
-                    raise StopRequested
-        if self.evaluated_at != s.step:
-            last = self.evaluate_now(self.schedule(max(s.step - 1, 0)), batch_size_at(self.cfg, s.epoch))
-        return last
+    return ""
 
 
-class StopRequested(KeyboardInterrupt):
-    """A stop asked for by a signal, raised between two optimizer steps (the state is whole)."""
+# --- the loop ---------------------------------------------------------------------------------------
 
 
-class StopSignals:
-    """SIGINT and SIGTERM ask the loop to stop after the current step and save a checkpoint;
-    a second signal stops at once (the last checkpoint written stays the one to resume from)."""
+def windows(t: Training, cursor: Cursor) -> Iterator[tuple[int, int, Window]]:
+    """(epoch, batch size, window) of every remaining optimizer step, epoch after epoch; pure:
+    the loop itself moves the cursor."""
+    epoch = cursor.epoch
+    while True:
+        batch = batch_size_at(t.cfg, epoch)
+        micro = resolved_micro_batch(t.cfg, batch)
+        start = cursor.position if epoch == cursor.epoch else 0
+        for window in t.train_loader.windows(epoch, batch, micro, t.cfg.drop_last, start):
+            yield epoch, batch, window
+        epoch += 1
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+@dataclass
+class RunState:
+    """A run's progress: cursor, the interval's running sums and the clock (all checkpointed)."""
 
-    def __enter__(self) -> StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
+    cursor: Cursor = field(default_factory=Cursor)
+    interval: Interval = field(default_factory=Interval)
+    clock: Clock = field(default_factory=Clock)
+
+
+def fit(
+    t: Training,
+    checkpoints: Checkpointer,
+    log: MetricsLog,
+    signals: StopSignals,
+    state: RunState,
+    fresh: bool = True,
+    bar: bool = True,
+) -> dict[str, Any]:
+    """Train from `state` to the end, or until stopped; return the last evaluation. A `fresh`
+    run first records its starting point. Every rank runs this loop; rank 0 alone writes."""
+    cfg, dist, cursor, clock = t.cfg, t.dist, state.cursor, state.clock
+    diverged_at = torch.full((), -1, dtype=torch.long, device=t.device)
+    stops = torch.zeros((), device=t.device)
+    last: dict[str, Any] = {}
+
+    def evaluate_now(lr: float, batch: int) -> None:
+        nonlocal last
+        dist.average_buffers(t.model)
+        reason = ""
+        if dist.is_main:
+            last = evaluation_record(t, cursor, state.interval, clock, lr, batch)
+            log.append(last)
+            reason = stop_reason(cfg, cursor, last["eval_train_loss"])
+        if dist.agree(bool(reason)):
+            cursor.stop_reason = reason or "rank 0 reached its stopping rule"
+        state.interval, cursor.last_eval_step = Interval(), cursor.step
+        cursor.next_eval += cfg.eval_every * t.n_train
+
+    def check_finite() -> None:
+        bad = int(diverged_at)
+        if bad >= 0:
+            message = f"training diverged at step {bad}: the loss was not finite at lr {t.schedule(bad):g}"
+            raise RunDiverged(message, step=bad)
+
+    def save() -> None:
+        check_finite()
+        dist.average_buffers(t.model)
+        checkpoints.save_last(checkpoint_state(t, state))
+
+    if fresh:  # the starting point: step-0 evaluation and checkpoints
+        if cfg.checkpoint_every:
+            checkpoints.save_epoch(0, t.model, 0, 0)
+        evaluate_now(t.schedule(0), batch_size_at(cfg, 0))
+        save()
+    t.model.train()
+    rate_mark, rate_examples = time.perf_counter(), cursor.examples
+    shown = progress_bar(
+        total=t.total_steps, initial=cursor.step, unit="step", enabled=bar, desc=log.run.path.name
+    )
+    with shown:
+        for epoch, batch, window in windows(t, cursor):
+            if cursor.step >= t.total_steps or cursor.stop_reason:
                 break
-        return self
+            if epoch != cursor.epoch:  # an epoch without a window (drop_last, batch > data)
+                cursor.epoch, cursor.position = epoch, 0
+            lr = t.schedule(cursor.step)
+            mark = time.perf_counter()
+            result = train_step(t, window, lr, signals.requested)
+            clock.train += time.perf_counter() - mark
+            bad = ~torch.isfinite(result.loss_sum) & (diverged_at < 0)
+            diverged_at = torch.where(bad, cursor.step, diverged_at)
+            if result.stop is not None:
+                stops = stops + result.stop
+            cursor.advance(window)
+            state.interval.add(result)
+            shown.update()
+            if time.perf_counter() - rate_mark > 1.0:  # one read of the loss a second, for the bar
+                shown.set_postfix(
+                    img_s=f"{(cursor.examples - rate_examples) / (time.perf_counter() - rate_mark):.0f}",
+                    loss=f"{float(result.loss_sum) / window.count:.3f}",
+                    lr=f"{lr:.3g}",
+                )
+                rate_mark, rate_examples = time.perf_counter(), cursor.examples
+            if window.last:
+                cursor.epoch, cursor.position = epoch + 1, 0
+            if cursor.step % CHECK_EVERY == 0:
+                check_finite()
+            if window.last and cfg.checkpoint_every and cursor.epoch % cfg.checkpoint_every == 0:
+                check_finite()
+                dist.average_buffers(t.model)
+                checkpoints.save_epoch(cursor.epoch, t.model, cursor.step, cursor.examples)
+            evaluated = cursor.examples >= cursor.next_eval or cursor.step >= t.total_steps
+            if evaluated:
+                check_finite()
+                evaluate_now(lr, batch)
+            if evaluated or window.last:
+                save()
+            if (
+                signals.requested
+                if not dist.enabled
+                else (cursor.step % CHECK_EVERY == 0 and float(stops) > 0)
+            ):
+                save()
+                raise StopRequested
+    check_finite()
+    if cursor.last_eval_step != cursor.step:  # only when the loop ended without evaluating its last step
+        evaluate_now(t.schedule(max(cursor.step - 1, 0)), batch_size_at(cfg, cursor.epoch))
+    return last or _last_evaluation(log)
 
-    def __exit__(self, *exc: Any) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+
+def _last_evaluation(log: MetricsLog) -> dict[str, Any]:
+    """The final evaluation of a run resumed after it had evaluated its last step."""
+    records = [r for r in read_jsonl(log.run.metrics) if "test_acc" in r]
+    return records[-1] if records else {}
+
+
+# --- the run directory around it ------------------------------------------------------------------
+
+
+def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
+    """What the settings resolve to for this run (recorded in config.json)."""
+    cfg = t.cfg
+    batch = batch_size_at(cfg, 0)
+    micro = resolved_micro_batch(cfg, batch)
+    world = t.dist.world_size
+    return {
+        "lr": t.schedule.peak,
+        "total_steps": t.total_steps,
+        "effective_batch": batch,
+        "micro_batch": micro,
+        "world_size": world,
+        "accumulation_steps": math.ceil(batch / world / micro),  # per rank
+        "effective_batch_rule": "world_size shares of a batch, each as accumulation_steps micro-batches",
+        "bn_batch": (cfg.bn_batch or micro) if cfg.norm == "bn" else None,
+        "bn_statistics": "batch (no running statistics)" if uses_batch_statistics(t.model) else "running",
+        "bn_buffers_across_ranks": "averaged before every evaluation and checkpoint" if world > 1 else None,
+        "eval_batch": t.eval_batch,
+        "loss": cfg.loss,
+        "init_seed": cfg.seed if cfg.init_seed is None else cfg.init_seed,
+        "init_from": t.init_source,
+        "augment": t.train_loader.augment,
+        "channels_last": t.channels_last,
+        "n_train": t.n_train,
+        "n_test": len(t.test),
+        "n_eval_train": len(t.eval_train),
+        "num_classes": t.dataset.num_classes,
+        "in_channels": t.dataset.in_channels,
+        "image_size": t.dataset.image_size,
+        "dataset_mean": list(t.dataset.mean),
+        "dataset_std": list(t.dataset.std),
+        "parameters": sum(p.numel() for p in t.model.parameters()),
+        "warmup_steps": t.schedule.warmup_steps,
+        "noise_scale_decay": NOISE_SCALE_DECAY if t.noise is not None else None,
+        "optimizer_options": optimizer_options(cfg, t.device),
+        "torch_flags": asdict(flags),
+    }
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "sharp": __version__,
+        "torch": torch.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
+        "python": platform.python_version(),
+        "device": runtime.describe_device(device),
+        "threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "git": git_revision(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def train(
@@ -522,67 +722,79 @@ def train(
     dataset: Dataset | None = None,
     progress_bar: bool = True,
 ) -> dict[str, Any]:
-    """Train one run into `out` and return its final evaluation (see `Trainer`).
+    """Train one run into `out` and return its final evaluation.
 
-    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    Records the run's state in status.json whatever happens. Under torchrun every process
+    calls this; rank 0 alone writes the run directory.
     """
     run = RunDir(out)
     dist = Distributed.from_env()
     device = dist.device(runtime.select_device(cfg.device))
-    with dist.session(device), runtime.torch_settings(device, deterministic=cfg.deterministic):
+    with (
+        dist.session(device),
+        runtime.torch_settings(device, deterministic=cfg.deterministic, tf32=cfg.tf32) as flags,
+    ):
         if dist.is_main and not resume:
             run.prepare_new(overwrite)
         with run.lock() if dist.is_main else contextlib.nullcontext():
             dist.barrier()
-            trainer = Trainer(cfg, run, dataset, progress_bar, dist)
-            return _run(trainer, resume)
+            t = build(cfg, dataset, dist)
+            checkpoints = Checkpointer(run, dist.is_main)
+            log = MetricsLog(run, dist.is_main, cfg.tensorboard)
+            try:
+                return _run(t, run, checkpoints, log, flags, resume, progress_bar and dist.is_main)
+            finally:
+                log.close()
 
 
-def _run(trainer: Trainer, resume: bool) -> dict[str, Any]:
-    """Fit, recording the run's state in status.json (rank 0) whatever happens."""
-    run, main = trainer.run, trainer.dist.is_main
-
-    def status(state: str, **details: Any) -> None:
-        if main:
-            run.set_status(state, step=trainer.state.step, **details)
-
+def _run(
+    t: Training,
+    run: RunDir,
+    checkpoints: Checkpointer,
+    log: MetricsLog,
+    flags: runtime.TorchFlags,
+    resume: bool,
+    bar: bool,
+) -> dict[str, Any]:
+    main = t.dist.is_main
     if resume:
-        trainer.restore(load_checkpoint(run.last_checkpoint, fallback=run.previous_checkpoint))
-        if main:
-            _truncate_metrics(run, trainer.state.step)
+        state = restore(t, checkpoints.load_last())
+        log.truncate_after(state.cursor.step)
     else:
-        trainer.write_config()
-    status("running")
-    try:
-        with StopSignals() as signals:
-            trainer.signals = signals
-            last = trainer.fit(fresh=not resume)
-    except RunDiverged as exc:
+        state = RunState()
         if main:
-            append_jsonl(run.metrics, {"step": trainer.state.step, "diverged": True, "reason": str(exc)})
-        status("diverged", reason=str(exc))
-        raise
-    except StopRequested:
-        trainer.save_last()
-        status("interrupted", reason="stopped by a signal after a whole step; continue with --resume")
-        raise
-    except KeyboardInterrupt:
-        status("interrupted", reason="stopped at once; --resume continues from the last checkpoint")
-        raise
-    except BaseException as exc:
-        status("failed", reason=f"{type(exc).__name__}: {exc}")
-        raise
-    if main:
-        atomic_torch_save(run.final, {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})
-    trainer.save_last()
+            record = {
+                "settings": t.cfg.to_dict(),
+                "derived": derived_settings(t, flags),
+                "environment": environment(t.device),
+                "command": sys.argv,
+            }
+            atomic_write_json(run.config, record)
+
+    def status(name: str, **details: Any) -> None:
+        if main:
+            run.set_status(name, **{"step": state.cursor.step, **details})
+
+    status("running")
+    with StopSignals() as signals:
+        try:
+            last = fit(t, checkpoints, log, signals, state, fresh=not resume, bar=bar)
+        except RunDiverged as exc:
+            log.append({"step": exc.step, "diverged": True, "reason": str(exc)})
+            status("diverged", step=exc.step, reason=str(exc))
+            raise
+        except StopRequested:
+            status("interrupted", reason="stopped by a signal after a whole step; continue with --resume")
+            raise
+        except KeyboardInterrupt:
+            status("interrupted", reason="stopped at once; --resume continues from the last checkpoint")
+            raise
+        except BaseException as exc:
+            status("failed", reason=f"{type(exc).__name__}: {exc}")
+            raise
+    checkpoints.save_final(t.model)  # buffers averaged over ranks at the last evaluation
     keys = ("epoch", "examples", "test_loss", "test_acc", "eval_train_loss", "eval_train_acc")
     status(
-        "finished", reason=trainer.state.stop_reason or "trained to the end", **{k: last.get(k) for k in keys}
+        "finished", reason=state.cursor.stop_reason or "trained to the end", **{k: last.get(k) for k in keys}
     )
     return last
-
-
-def _truncate_metrics(run: RunDir, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    kept = [r for r in read_jsonl(run.metrics) if r.get("step", 0) <= step and not r.get("diverged")]
-    atomic_write_bytes(run.metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from click.testing import CliRunner
 
 from sharp.cli import cli
 from sharp.runs import RunDir, read_jsonl
+from sharp.train import TIMING_KEYS
 
 
 def invoke(*args):
@@ -123,7 +126,7 @@ def test_same_seed_same_settings_same_metrics_and_weights(tmp_path):
     ]
     invoke(*args, "--out", tmp_path / "a")
     invoke(*args, "--out", tmp_path / "b")
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "wall_time"} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in ms]  # noqa: E731
     assert strip(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == strip(
         read_jsonl(tmp_path / "b" / "metrics.jsonl")
     )
@@ -264,7 +267,7 @@ def test_divergence_is_recorded_with_its_own_exit_code(tmp_path):
 def test_interrupted_run_resumes_to_bit_identical_weights(tmp_path, monkeypatch, interrupt_at, graceful):
     """A signal during step k stops after it with a checkpoint (graceful); a second signal
     stops at once, and the run resumes from the last checkpoint written before."""
-    from sharp.train import Trainer
+    import sharp.train as training
 
     base = [
         "--dataset",
@@ -287,21 +290,21 @@ def test_interrupted_run_resumes_to_bit_identical_weights(tmp_path, monkeypatch,
     ]
     assert invoke("train", *base, "--out", tmp_path / "full").exit_code == 0
 
-    original, calls = Trainer.train_step, []
+    original, calls = training.train_step, []
 
-    def interrupted(self, window, lr):
+    def interrupted(t, window, lr, stop=False):
         calls.append(1)
         if len(calls) == interrupt_at:
             if not graceful:
                 raise KeyboardInterrupt
-            self.signals.requested = True  # what the first SIGTERM / Ctrl-C does
-        return original(self, window, lr)
+            os.kill(os.getpid(), signal.SIGTERM)  # a first SIGTERM: stop after this step
+        return original(t, window, lr, stop)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    monkeypatch.setattr(training, "train_step", interrupted)
     result = invoke("train", *base, "--out", tmp_path / "cut")
     assert result.exit_code == 130 and "--resume" in result.output
     assert RunDir(tmp_path / "cut").status()["state"] == "interrupted"
-    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.setattr(training, "train_step", original)
 
     conflict = _one_line_error(invoke("train", "--resume", tmp_path / "cut", "--lr", "3"))
     assert "conflicts" in conflict
@@ -309,7 +312,7 @@ def test_interrupted_run_resumes_to_bit_identical_weights(tmp_path, monkeypatch,
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "wall_time"} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in ms]  # noqa: E731
     assert strip(read_jsonl(tmp_path / "full" / "metrics.jsonl")) == strip(
         read_jsonl(tmp_path / "cut" / "metrics.jsonl")
     )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+import sharp.train as training
 from sharp.cli import cli
 from sharp.config import TrainConfig
 from sharp.data import DeviceLoader
@@ -21,7 +22,7 @@ from sharp.errors import SharpError
 from sharp.models import build_model
 from sharp.probes.noise import OnlineNoiseScale, gradient_noise_scale, two_batch_estimate
 from sharp.runs import RunDir, read_jsonl
-from sharp.train import Trainer, train
+from sharp.train import TIMING_KEYS, train
 
 # --- linear regression: per-example gradient x_i (x_iᵀw − y_i) in closed form -------------------
 
@@ -255,23 +256,23 @@ def test_noise_scale_state_resumes_exactly(tmp_path, monkeypatch, digits):
     )
     train(cfg, tmp_path / "full", dataset=digits, progress_bar=False)
 
-    original, calls = Trainer.train_step, []
+    original, calls = training.train_step, []
 
-    def interrupted(self, window, lr):
+    def interrupted(t, window, lr, stop=False):
         calls.append(1)
         if len(calls) == 11:
             raise KeyboardInterrupt
-        return original(self, window, lr)
+        return original(t, window, lr, stop)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    monkeypatch.setattr(training, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", dataset=digits, progress_bar=False)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.setattr(training, "train_step", original)
     saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["noise_scale"]["steps"] == saved["progress"]["step"] > 0
     train(cfg, tmp_path / "cut", resume=True, dataset=digits, progress_bar=False)
 
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "wall_time"} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in ms]  # noqa: E731
     full = strip(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
     assert full == strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl"))
     assert all(m["noise_b_simple"] > 0 for m in full[1:])

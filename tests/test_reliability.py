@@ -22,6 +22,7 @@ from sharp.cli import cli
 from sharp.config import FIELDS, TrainConfig, make_config
 from sharp.errors import SharpError
 from sharp.runs import RunDir, read_jsonl
+from sharp.train import TIMING_KEYS
 
 TRAIN = [sys.executable, "-m", "sharp", "train"]
 RUN_ARGS = [
@@ -73,7 +74,7 @@ def _lines(path):
 
 
 def _strip(records):
-    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):

@@ -99,7 +99,7 @@ def test_a_different_spec_is_refused_in_the_same_directory(tmp_path):
 
 
 def test_interrupted_run_resumes_when_the_sweep_runs_again(tmp_path, monkeypatch):
-    from sharp.train import Trainer
+    import sharp.train as training
 
     spec = SweepSpec.from_dict(
         {
@@ -115,20 +115,20 @@ def test_interrupted_run_resumes_when_the_sweep_runs_again(tmp_path, monkeypatch
         }
     )
     clean = run_sweep(spec, tmp_path / "clean", echo=lambda _: None)
-    original, calls = Trainer.train_step, []
+    original, calls = training.train_step, []
 
-    def crash(self, window, lr):
+    def crash(t, window, lr, stop=False):
         calls.append(1)
         if len(calls) == 20:
             raise RuntimeError("node lost")
-        return original(self, window, lr)
+        return original(t, window, lr, stop)
 
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    monkeypatch.setattr(training, "train_step", crash)
     first = run_sweep(spec, tmp_path / "cut", echo=lambda _: None)
     name = next(iter(first))
     assert first[name] == "failed" and clean[name] == "finished"
     assert RunDir(tmp_path / "cut" / "runs" / name).last_checkpoint.exists()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.setattr(training, "train_step", original)
     assert run_sweep(spec, tmp_path / "cut", echo=lambda _: None)[name] == "finished"
     a = torch.load(tmp_path / "clean" / "runs" / name / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "runs" / name / "final.pt", weights_only=True)

@@ -270,8 +270,15 @@ class OnlineNoiseScale:
     so divide the squared norms by scale² and feed them to `record` (a changing scale would
     otherwise bias even the ratio). `sharp`'s bf16 autocast uses no scaler.
 
+    The averages live on the training device and are updated without reading anything back
+    to the host (a skipped step is a `torch.where`), so the estimator adds no synchronisation
+    to a step; the properties read them.
+
     Use: `begin_step(params, count)`, `after_backward(n_k)` after each micro-batch's
-    backward, `end_step()` before `optimizer.step()`; or feed the norms to `record`.
+    backward, `end_step()` before `optimizer.step()`; or feed the norms to `record`. Across
+    processes (DDP) each rank's micro-batches are small batches of the same step: sum
+    `local_sums()` over the ranks and pass it with the all-reduced gradient's squared norm
+    to `finish_step`.
     """
 
     def __init__(self, decay: float = 0.99, population: int | None = None) -> None:
@@ -281,43 +288,48 @@ class OnlineNoiseScale:
             raise SharpError(f"noise-scale population {population} must be at least 2 examples")
         self.decay = decay
         self.population = population
-        self.ema_g2 = 0.0
-        self.ema_trace_sigma = 0.0
-        self.weight = 0.0  # EMA of 1: divides out the zero start
-        self.steps = 0  # steps that updated the averages
+        # [EMA |G|², EMA tr Σ, EMA of 1 (divides out the zero start), steps that updated them]
+        self._values = torch.zeros(4, dtype=torch.float64)
         self._params: list[torch.Tensor] = []
         self._count = 0
         self._start: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
         self._small: list[torch.Tensor] = []
-        self._sizes: list[int] = []
+        self._coefficients: list[float] = []
 
     # --- results ---------------------------------------------------------------------------
 
     @property
+    def steps(self) -> int:
+        return int(self._values[3])
+
+    @property
     def g2(self) -> float | None:
         """The smoothed |G|² estimate (None before the first step)."""
-        return self.ema_g2 / self.weight if self.steps else None
+        ema_g2, _, weight, steps = self._values.tolist()
+        return ema_g2 / weight if steps else None
 
     @property
     def trace_sigma(self) -> float | None:
         """The smoothed tr(Σ) estimate (None before the first step)."""
-        return self.ema_trace_sigma / self.weight if self.steps else None
+        _, ema_trace, weight, steps = self._values.tolist()
+        return ema_trace / weight if steps else None
 
     @property
     def b_simple(self) -> float | None:
         """EMA(tr Σ)/EMA(|G|²); None before the first step or while EMA(|G|²) is not positive."""
-        if not self.steps or self.ema_g2 <= 0:
+        ema_g2, ema_trace, _, steps = self._values.tolist()
+        if not steps or ema_g2 <= 0:
             return None
-        return self.ema_trace_sigma / self.ema_g2
+        return ema_trace / ema_g2
 
     # --- one optimizer step from the accumulated gradients -----------------------------------
 
     def begin_step(self, params: Iterable[torch.Tensor], count: int) -> None:
-        """Call before the step's first backward; `count` examples in the whole window."""
+        """Call before the step's first backward; `count` examples in the whole window (all ranks)."""
         self._params = [p for p in params if p.requires_grad]
         self._count = count
-        self._small, self._sizes = [], []
+        self._small, self._coefficients = [], []
         has_grad = any(p.grad is not None for p in self._params)
         self._start = _flat_grad(self._params).clone() if has_grad else None
         self._previous = self._start
@@ -328,19 +340,41 @@ class OnlineNoiseScale:
         delta = current if self._previous is None else current - self._previous
         # the micro-batch added (size/count) g_k: undo that before squaring
         self._small.append(_squared_norm(delta) * (self._count / size) ** 2)
-        self._sizes.append(size)
+        self._coefficients.append(noise_coefficient(size, self.population))
         self._previous = current
 
-    def end_step(self) -> bool:
-        """Call after the last micro-batch; updates the averages. False if the step was skipped."""
-        if self._previous is None or len(self._sizes) < 2:
-            self._small, self._sizes = [], []
-            return False
-        big = self._previous if self._start is None else self._previous - self._start
-        norms = torch.stack([*self._small, _squared_norm(big)]).tolist()  # one device sync
-        sizes, count = self._sizes, self._count
-        self._small, self._sizes, self._start, self._previous = [], [], None, None
-        return self.record(norms[:-1], sizes, norms[-1], count)
+    def local_sums(self) -> torch.Tensor:
+        """[Σ_k |g_k|², Σ_k c(n_k), K] over this process's micro-batches of the step (float64)."""
+        device = self._small[0].device if self._small else self._values.device
+        total = torch.stack(self._small).sum() if self._small else torch.zeros((), device=device)
+        extra = torch.tensor([math.fsum(self._coefficients), len(self._coefficients)], dtype=torch.float64)
+        return torch.cat([total.reshape(1).to(torch.float64), extra.to(device)])
+
+    def window_gradient(self) -> torch.Tensor | None:
+        """This process's accumulated gradient of the step (None if it ran no micro-batch)."""
+        if self._previous is None:
+            return None
+        return self._previous if self._start is None else self._previous - self._start
+
+    def finish_step(self, sums: torch.Tensor, big_sq_norm: torch.Tensor) -> torch.Tensor:
+        """Update the averages from the step's (all-ranks) `local_sums` and |G_big|²; returns
+        whether the step counted, as a device bool."""
+        self._small, self._coefficients, self._start, self._previous = [], [], None, None
+        sums = sums.to(torch.float64)
+        count = sums[2]
+        mean_small = sums[0] / count.clamp_min(1)
+        c_small = sums[1] / count.clamp_min(1)
+        c_big = noise_coefficient(self._count, self.population)
+        return self._update(mean_small, c_small, big_sq_norm.to(torch.float64), c_big, count >= 2)
+
+    def end_step(self) -> torch.Tensor:
+        """Call after the last micro-batch (one process); updates the averages. A device bool:
+        False if the step was skipped (one micro-batch)."""
+        big = self.window_gradient()
+        if big is None:
+            self._small, self._coefficients = [], []
+            return torch.zeros((), dtype=torch.bool)
+        return self.finish_step(self.local_sums(), _squared_norm(big))
 
     def record(
         self, small_sq_norms: Sequence[float], small_sizes: Sequence[int], big_sq_norm: float, big_size: int
@@ -353,39 +387,62 @@ class OnlineNoiseScale:
         if sum(small_sizes) != big_size:
             raise SharpError(f"record: micro-batches of {sum(small_sizes)} examples, window of {big_size}")
         c_small = _mean([noise_coefficient(n, self.population) for n in small_sizes])
-        c_big = noise_coefficient(big_size, self.population)
-        if len(small_sizes) < 2 or not c_small > c_big:
-            return False
-        g2, trace_sigma = two_batch_estimate(_mean(small_sq_norms), c_small, big_sq_norm, c_big)
-        if not (math.isfinite(g2) and math.isfinite(trace_sigma)):
-            return False
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64, device=self._values.device)  # noqa: E731
+        counted = self._update(
+            as_tensor(_mean(small_sq_norms)),
+            as_tensor(c_small),
+            as_tensor(big_sq_norm),
+            noise_coefficient(big_size, self.population),
+            as_tensor(len(small_sizes) >= 2).bool(),
+        )
+        return bool(counted)
+
+    def _update(
+        self,
+        mean_small: torch.Tensor,
+        c_small: torch.Tensor,
+        big: torch.Tensor,
+        c_big: float,
+        enough: torch.Tensor,
+    ) -> torch.Tensor:
+        values = self._values.to(mean_small.device)
+        gap = c_small - c_big
+        safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
+        g2 = (c_small * big - c_big * mean_small) / safe_gap  # two_batch_estimate, on the device
+        trace_sigma = (mean_small - big) / safe_gap
+        counted = enough & (gap > 0) & torch.isfinite(g2) & torch.isfinite(trace_sigma)
         d = self.decay
-        self.ema_g2 = d * self.ema_g2 + (1 - d) * g2
-        self.ema_trace_sigma = d * self.ema_trace_sigma + (1 - d) * trace_sigma
-        self.weight = d * self.weight + (1 - d)
-        self.steps += 1
-        return True
+        one = torch.ones_like(g2)
+        updated = torch.stack(
+            [
+                d * values[0] + (1 - d) * g2,
+                d * values[1] + (1 - d) * trace_sigma,
+                d * values[2] + (1 - d) * one,
+                values[3] + one,
+            ]
+        )
+        self._values = torch.where(counted, updated, values)
+        return counted
 
     # --- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers (loadable with torch.load(weights_only=True))."""
+        ema_g2, ema_trace, weight, steps = self._values.tolist()
         return {
             "decay": self.decay,
             "population": self.population,
-            "ema_g2": self.ema_g2,
-            "ema_trace_sigma": self.ema_trace_sigma,
-            "weight": self.weight,
-            "steps": self.steps,
+            "ema_g2": ema_g2,
+            "ema_trace_sigma": ema_trace,
+            "weight": weight,
+            "steps": int(steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = float(state["decay"])
         self.population = None if state["population"] is None else int(state["population"])
-        self.ema_g2 = float(state["ema_g2"])
-        self.ema_trace_sigma = float(state["ema_trace_sigma"])
-        self.weight = float(state["weight"])
-        self.steps = int(state["steps"])
+        values = [state["ema_g2"], state["ema_trace_sigma"], state["weight"], state["steps"]]
+        self._values = torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
 __all__ = [
