@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from sharp.cli import cli
+from sharp.config import TrainConfig
 from sharp.data import DeviceLoader
+from sharp.runs import RunDir, read_jsonl
+from sharp.train import TIMING_KEYS, train
 
 
 def test_ranks_share_every_window_exactly(synthetic):
@@ -75,3 +83,152 @@ def test_two_gloo_processes_end_with_the_single_process_weights(tmp_path):
         derived["world_size"] == 2 and derived["accumulation_steps"] == 2 and derived["effective_batch"] == 60
     )
     assert not (tmp_path / "two" / "run.lock").exists()
+
+
+# --- several runs under one torchrun launch (tests/ddp_scenarios.py) --------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = dict(dataset="digits", precision="fp64", deterministic=True)
+SCENARIOS = {
+    # 1437 examples, drop_last: 22 windows of 64, i.e. 4 micro-batches of 16 in one process and
+    # 2 per rank in two: the same micro-batches, so the same online noise-scale series
+    "noise": dict(
+        model="mlp",
+        norm="none",
+        batch_size=64,
+        micro_batch=16,
+        drop_last=True,
+        epochs=1,
+        lr=0.2,
+        noise_scale=True,
+        eval_every=0.25,
+    ),
+    # BN: each rank normalizes its micro-batches of 16, i.e. ghost BN of 16 in one process
+    "bn": dict(
+        model="convnet",
+        norm="bn",
+        batch_size=64,
+        micro_batch=16,
+        drop_last=True,
+        epochs=1,
+        lr=0.1,
+        eval_every=0.5,
+    ),
+    # 1437 = 359 x 4 + 1: the last window has one example, so rank 1's share is empty
+    "empty_share": dict(model="mlp", norm="none", batch_size=4, micro_batch=2, epochs=1, lr=0.05),
+    "until_loss": dict(
+        model="mlp",
+        norm="none",
+        batch_size=64,
+        micro_batch=32,
+        epochs=20,
+        lr=0.2,
+        until_train_loss=0.3,
+        eval_every=0.5,
+    ),
+    "resume": dict(
+        model="convnet",
+        norm="bn",
+        batch_size=64,
+        micro_batch=16,
+        epochs=2,
+        lr=0.1,
+        momentum=0.9,
+        eval_every=0.5,
+    ),
+}
+
+
+def _max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Every scenario trained by 2 gloo ranks (one launch), and the resume scenario also
+    interrupted at step 30 and resumed (a second launch)."""
+    root = tmp_path_factory.mktemp("ddp")
+
+    def launch(scenarios):
+        spec = root / f"scenarios-{len(list(root.glob('*.json')))}.json"
+        spec.write_text(json.dumps(scenarios))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(
+            [*command, str(REPO / "tests" / "ddp_scenarios.py"), str(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    first = [
+        {"out": str(root / name), "settings": {**COMMON, **settings}, "dump_buffers": name == "bn"}
+        for name, settings in SCENARIOS.items()
+    ]
+    first.append(
+        {"out": str(root / "cut"), "settings": {**COMMON, **SCENARIOS["resume"]}, "interrupt_at": 30}
+    )
+    launch(first)
+    assert RunDir(root / "cut").status()["state"] == "interrupted"
+    launch([{"out": str(root / "cut"), "settings": {**COMMON, **SCENARIOS["resume"]}, "resume": True}])
+    return root
+
+
+def _single(tmp_path, digits, name, **extra):
+    cfg = TrainConfig(**{**COMMON, **SCENARIOS[name], **extra})
+    train(cfg, tmp_path / name, dataset=digits, progress_bar=False)
+    return tmp_path / name
+
+
+def _final(path):
+    return torch.load(path / "final.pt", weights_only=True)
+
+
+def test_ddp_online_noise_scale_equals_one_process(ddp_runs, tmp_path, digits):
+    one = _single(tmp_path, digits, "noise")
+    series = [
+        [m["noise_b_simple"] for m in read_jsonl(path / "metrics.jsonl") if m.get("noise_b_simple")]
+        for path in (one, ddp_runs / "noise")
+    ]
+    assert len(series[0]) >= 4 and len(series[0]) == len(series[1])
+    # fp64, the same micro-batches: only the summation order of the all-reduce differs
+    assert series[1] == pytest.approx(series[0], rel=1e-8)
+    assert _max_diff(_final(one), _final(ddp_runs / "noise")) < 1e-10
+
+
+def test_ddp_bn_equals_ghost_bn_and_saves_the_mean_of_the_ranks_buffers(ddp_runs, tmp_path, digits):
+    one = _single(tmp_path, digits, "bn", bn_batch=16)
+    ours, theirs = _final(ddp_runs / "bn"), _final(one)
+    params = [k for k in ours if "running" not in k and "num_batches" not in k]
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in params) < 1e-10
+    dumps = [torch.load(ddp_runs / f"bn-rank{r}-buffers.pt", weights_only=True) for r in (0, 1)]
+    differing = [i for i, (a, b) in enumerate(zip(*dumps, strict=True)) if _max_diff(a, b) > 0]
+    assert differing, "the ranks' running statistics never differed: the test shows nothing"
+    last = differing[-1]
+    for key, value in dumps[0][last].items():
+        mean = (value + dumps[1][last][key]) / 2  # what was saved is the two ranks' mean, exactly
+        assert torch.allclose(ours[key], mean, rtol=0, atol=1e-14)
+
+
+def test_ddp_window_with_an_empty_rank_share(ddp_runs, tmp_path, digits):
+    one = _single(tmp_path, digits, "empty_share")
+    assert _max_diff(_final(one), _final(ddp_runs / "empty_share")) < 1e-10
+
+
+def test_ddp_until_train_loss_stops_every_rank_at_the_single_process_step(ddp_runs, tmp_path, digits):
+    one = _single(tmp_path, digits, "until_loss")
+    steps = [RunDir(path).status()["step"] for path in (one, ddp_runs / "until_loss")]
+    assert steps[0] == steps[1] < 20 * 23  # stopped early, at the same evaluation
+    assert "until-train-loss" in RunDir(ddp_runs / "until_loss").status()["reason"]
+    assert _max_diff(_final(one), _final(ddp_runs / "until_loss")) < 1e-10
+
+
+def test_ddp_resume_is_bit_identical(ddp_runs):
+    full, cut = _final(ddp_runs / "resume"), _final(ddp_runs / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in ms]  # noqa: E731
+    assert strip(read_jsonl(ddp_runs / "resume" / "metrics.jsonl")) == strip(
+        read_jsonl(ddp_runs / "cut" / "metrics.jsonl")
+    )
