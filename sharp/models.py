@@ -54,34 +54,45 @@ class _GhostBatchNorm:
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
     def _ghost_forward(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """All full ghost groups in one normalization, the short last group (if any) in one more."""
         n = x.shape[0]
-        dims = [0, *range(2, x.dim())]
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xw = x.to(work)
         full = (n // g) * g
-        outputs, means, variances, sizes = [], [], [], []
-        pieces = [x[:full].reshape(n // g, g, *x.shape[1:])] if full else []
-        if full < n:
-            pieces.append(x[full:].unsqueeze(0))
-        for piece in pieces:
-            piece = piece.to(work)
-            reduce = [d + 1 for d in dims]
-            mean = piece.mean(dim=reduce, keepdim=True)
-            var = piece.var(dim=reduce, unbiased=False, keepdim=True)
-            outputs.append(((piece - mean) * torch.rsqrt(var + self.eps)).flatten(0, 1))
-            count = piece[0].numel() // piece.shape[2]
-            means.append(mean.flatten(1))
-            variances.append(var.flatten(1) * (count / max(count - 1, 1)))
-            sizes.append(piece.shape[0])
-        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        # split, not sliced: a slice's backward would write the gradient into a fresh contiguous
+        # (not channels_last) tensor
+        parts = xw.split([full, n - full]) if full < n else (xw,)
+        pieces = [self._normalize_groups(part, min(g, len(part))) for part in parts]
+        y = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
         y = y.to(x.dtype)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if self.track_running_stats:
-            self._update_running_stats(torch.cat(means), torch.cat(variances))
+            self._update_running_stats(torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]))
         return y
+
+    def _normalize_groups(self, x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch norm of each group of g consecutive examples of x (len(x) a multiple of g), as one
+        group norm: the g examples of a group stacked along the first spatial axis form one tall
+        example, whose channels are the norm's groups (a view when x is channels_last). torch's
+        fused kernel also returns each group's mean and 1/std, which F.group_norm discards.
+        Returns the output, and the groups' means and unbiased variances, (n // g, C) each."""
+        n, channels = x.shape[0], x.shape[1]
+        last = x.movedim(1, -1)  # (n, *spatial, C)
+        tall = (
+            last.reshape(n // g, g * last.shape[1], *last.shape[2:])
+            if x.dim() > 2
+            else last.reshape(n // g, g, -1)
+        )
+        tall = tall.movedim(-1, 1)  # (n // g, C, g * H, W), or (n // g, C, g) for (n, C) input
+        per_group = tall[0, 0].numel()
+        out, mean, rstd = torch.native_group_norm(
+            tall, self.weight, self.bias, n // g, channels, per_group, channels, self.eps
+        )
+        y = out.movedim(1, -1).reshape(last.shape).movedim(-1, 1)
+        var = (rstd.detach().pow(-2) - self.eps).clamp(min=0)  # biased, as the kernel had it
+        unbiased = var * (per_group / max(per_group - 1, 1))
+        return y, mean.detach(), unbiased
 
     @torch.no_grad()
     def _update_running_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
