@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import tempfile
@@ -18,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.timing import median, side_by_side, spread, timed
 from sharp.config import TrainConfig
 from sharp.data import Dataset, DeviceLoader
-from sharp.models import build_model
+from sharp.models import GhostBatchNorm2d, build_model
 from sharp.probes.common import Batch, ProbeModel
 from sharp.probes.hessian import HessianOperator, hessian_top_eigenvalues
 from sharp.probes.sharpness import epsilon_sharpness
@@ -671,3 +673,120 @@ def probe_batches(ds: Dataset, device: torch.device, n: int, batch: int) -> list
     """The first n test images, normalized, default layout, in batches of `batch`."""
     loader = DeviceLoader(ds.test_images[:n], ds.test_labels[:n], ds.mean, ds.std, device=device)
     return list(loader.batches(batch))
+
+
+# --- ghost batch norm: one batched normalization against the previous code and a group loop ---
+
+
+def previous_ghost_forward(layer: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
+    """Ghost BN's training forward as sharp computed it before it was batched into one reduction
+    (kept as the baseline of `bench_ghost_bn` and as a reference in tests/test_ghost_bn.py):
+    the full groups as one view and the short last group, each through mean, var, normalize,
+    then the outputs concatenated and the affine applied."""
+    n = x.shape[0]
+    dims = [0, *range(2, x.dim())]
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    full = (n // g) * g
+    outputs, means, variances = [], [], []
+    pieces = [x[:full].reshape(n // g, g, *x.shape[1:])] if full else []
+    if full < n:
+        pieces.append(x[full:].unsqueeze(0))
+    for piece in pieces:
+        piece = piece.to(work)
+        reduce = [d + 1 for d in dims]
+        mean = piece.mean(dim=reduce, keepdim=True)
+        var = piece.var(dim=reduce, unbiased=False, keepdim=True)
+        outputs.append(((piece - mean) * torch.rsqrt(var + layer.eps)).flatten(0, 1))
+        count = piece[0].numel() // piece.shape[2]
+        means.append(mean.flatten(1))
+        variances.append(var.flatten(1) * (count / max(count - 1, 1)))
+    y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if layer.affine:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = y * layer.weight.view(shape) + layer.bias.view(shape)
+    y = y.to(x.dtype)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    if layer.track_running_stats:
+        layer._update_running_stats(torch.cat(means), torch.cat(variances))
+    return y
+
+
+def ghost_bn_loop(layer: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
+    """Ghost BN by its definition (Hoffer et al. 2017): torch's batch norm applied to each group
+    of g examples in turn, each group updating the running statistics once (half-precision
+    input in float32, as sharp's layer computes it)."""
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    outputs = []
+    for chunk in x.split(g):
+        out = F.batch_norm(
+            chunk.to(work),
+            layer.running_mean,
+            layer.running_var,
+            layer.weight,
+            layer.bias,
+            training=True,
+            momentum=layer.momentum,
+            eps=layer.eps,
+        )
+        outputs.append(out.to(x.dtype))
+        if layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.add_(1)
+    y = torch.cat(outputs)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def bench_ghost_bn(
+    device: torch.device,
+    ghost_sizes: tuple[int, ...] = (4, 8, 16),
+    batch: int = 128,
+    channels: int = 16,
+    size: int = 32,
+    reps: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Forward and backward of one ghost BN layer in training mode (channels_last input of
+    ResNet-8's first stage: micro-batch 128, 16 channels, 32 x 32) at each ghost size: sharp's
+    batched normalization against `previous_ghost_forward` and `ghost_bn_loop`, side by side.
+    Reports the speedups (baseline median over sharp's median) and the largest difference of
+    output and input gradient from the loop."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device, memory_format=torch.channels_last)
+    grad_out = torch.randn(x.shape, generator=gen).to(device, memory_format=torch.channels_last)
+    results: dict[str, Any] = {"settings": {"batch": batch, "channels": channels, "size": size, "reps": reps}}
+    for g in ghost_sizes:
+        results[f"g{g}"] = _ghost_bn_side_by_side(x.requires_grad_(True), grad_out, g, device, reps, warmup)
+    return results
+
+
+def _ghost_bn_side_by_side(
+    x: torch.Tensor, grad_out: torch.Tensor, g: int, device: torch.device, reps: int, warmup: int
+) -> dict[str, Any]:
+    layers = {
+        name: GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device) for name in ("sharp", "previous", "loop")
+    }
+    forwards = {
+        "sharp": lambda: layers["sharp"](x),
+        "previous": lambda: previous_ghost_forward(layers["previous"], x, g),
+        "loop": lambda: ghost_bn_loop(layers["loop"], x, g),
+    }
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward_backward(name: str) -> None:
+        y = forwards[name]()
+        outputs[name] = (y.detach(), torch.autograd.grad(y, x, grad_out)[0])
+
+    times = side_by_side(
+        {name: functools.partial(forward_backward, name) for name in forwards}, device, reps, warmup
+    )
+    sharp_s = median(times["sharp"])
+    return {
+        "speedup_vs_previous": median(times["previous"]) / sharp_s,
+        "speedup_vs_loop": median(times["loop"]) / sharp_s,
+        "max_abs_diff_vs_loop": max(
+            float((a - b).abs().max()) for a, b in zip(outputs["sharp"], outputs["loop"], strict=True)
+        ),
+        **{name: spread(t) for name, t in times.items()},
+    }

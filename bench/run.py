@@ -33,7 +33,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "hessian_top5_speedup_vs_pyhessian": (">=", 5.0),
     "sharpness_seconds_per_iteration": ("<=", 3.0),
 }
-BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval")
+BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Scale:
     sharpness_reps: int = 3
     eval_reps: int = 5
     probe_epochs: int = 3
+    ghost_bn_reps: int = 7
 
 
 QUICK = Scale(
@@ -64,12 +65,14 @@ QUICK = Scale(
     hessian_crosscheck=False,
     sharpness_reps=1,
     eval_reps=3,
+    ghost_bn_reps=3,
 )
 FULL = Scale("full", train_steps={"resnet8": 10, "resnet32": 4})
 
 N_TRAIN = 8192  # synthetic CIFAR-shaped images (test split: 2048)
 PROBE_HVP = (512, 256)  # probe set of hvp_over_grad and sharpness: 512 images in 2 batches of 256
 PROBE_HESSIAN = 256  # one batch, as pyhessian takes
+GHOST_SIZES = (4, 8, 16)  # ghost BN group sizes of bench_ghost_bn
 
 
 def _log(message: str, started: float) -> None:
@@ -145,6 +148,13 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         keys["eval_images_per_s.sharp"] = r["sharp_images_per_s"]
         keys["eval_images_per_s.naive"] = r["naive_images_per_s"]
         details["eval"] = r
+    if "ghost_bn" in only:
+        _log("ghost_bn", started)
+        r = B.bench_ghost_bn(device, GHOST_SIZES, reps=scale.ghost_bn_reps)
+        for g in GHOST_SIZES:
+            keys[f"ghost_bn_speedup_vs_previous.g{g}"] = r[f"g{g}"]["speedup_vs_previous"]
+            keys[f"ghost_bn_speedup_vs_loop.g{g}"] = r[f"g{g}"]["speedup_vs_loop"]
+        details["ghost_bn"] = r
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 
@@ -236,6 +246,21 @@ def _notes(details: dict[str, Any]) -> list[str]:
         out.append(
             f"- hvp_over_grad: HVP {s['hvp']['median_s']:.3f} s, gradient {s['grad']['median_s']:.3f} s "
             f"over {s['settings']['n_examples']} images"
+        )
+    if "ghost_bn" in details:
+        s = details["ghost_bn"]
+        shape = f"{s['settings']['batch']} x {s['settings']['channels']} x {s['settings']['size']}^2"
+
+        def ms(g: int, name: str) -> str:
+            return f"{s[f'g{g}'][name]['median_s'] * 1e3:.2f} ms"
+
+        per_size = [
+            f"g = {g}: sharp {ms(g, 'sharp')}, previous {ms(g, 'previous')}, group loop {ms(g, 'loop')}, "
+            f"max |diff| from the loop {s[f'g{g}']['max_abs_diff_vs_loop']:.1e}"
+            for g in GHOST_SIZES
+        ]
+        out.append(
+            f"- ghost_bn: forward + backward of one layer on {shape} (channels_last); " + "; ".join(per_size)
         )
     return out
 

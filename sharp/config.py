@@ -23,7 +23,20 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
-MODELS = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "mlp", "convnet")
+MODELS = (
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "mlp",
+    "convnet",
+    "keskar-c1",
+    "keskar-c2",
+    "fc-tanh",
+    "fc-relu",
+)
 NORMS = ("bn", "none", "group")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -59,7 +72,11 @@ class TrainConfig:
     eval_train_size: int = _opt(2048, "size of the fixed training subset evaluated each time")
     test_subset: int | None = _opt(None, "evaluate on a seeded class-balanced subset of N test images")
     # model
-    model: str = _opt("resnet8", "resnet8/20/32/44/56/110 (6n+2), mlp or convnet", MODELS)
+    model: str = _opt(
+        "resnet8",
+        "resnet8/20/32/44/56/110 (6n+2), mlp, convnet, keskar-c1/c2 (Keskar et al.), fc-tanh/relu",
+        MODELS,
+    )
     width: float = _opt(1.0, "channel multiplier of the ResNet's 16/32/64 channels")
     norm: str = _opt("bn", "normalization layer", NORMS)
     bn_batch: int | None = _opt(None, "ghost BN: normalize groups of g examples (default: micro-batch)")

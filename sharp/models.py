@@ -1,8 +1,13 @@
-"""CIFAR ResNets of depth 6n+2 (He et al. 2016, "Deep Residual Learning", Sec. 4.2), with
-batch, ghost-batch, group or no normalization; and two small nets for tests.
+"""The networks: CIFAR ResNets of depth 6n+2 (He et al. 2016, "Deep Residual Learning", Sec. 4.2)
+with batch, ghost-batch, group or no normalization; Keskar et al.'s C1 and C2 (2017, "On
+Large-Batch Training for Deep Learning", Table 1) as their published Keras code builds them;
+Cohen et al.'s fully-connected nets (2021, "Gradient Descent on Neural Networks Typically Occurs
+at the Edge of Stability"); and two small nets for tests.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,14 @@ RESNET_DEPTHS = {
     "resnet110": 110,
 }
 GROUP_NORM_GROUPS = 8
+KESKAR_NETS = ("keskar-c1", "keskar-c2")
+FC_NETS = ("fc-tanh", "fc-relu")
+MODEL_NAMES = (*RESNET_DEPTHS, "mlp", "convnet", *KESKAR_NETS, *FC_NETS)
+INITS = ("he", "glorot", "torch")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+# Keras 1's BatchNormalization epsilon from 1.0.8 (Aug. 2016, the release current when the
+# authors published their code) through 1.1.x; 1.0.0-1.0.7 had 1e-6
+KERAS_BN_EPS = 1e-5
 
 
 class _GhostBatchNorm:
@@ -54,34 +67,45 @@ class _GhostBatchNorm:
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
     def _ghost_forward(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """All full ghost groups in one normalization, the short last group (if any) in one more."""
         n = x.shape[0]
-        dims = [0, *range(2, x.dim())]
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xw = x.to(work)
         full = (n // g) * g
-        outputs, means, variances, sizes = [], [], [], []
-        pieces = [x[:full].reshape(n // g, g, *x.shape[1:])] if full else []
-        if full < n:
-            pieces.append(x[full:].unsqueeze(0))
-        for piece in pieces:
-            piece = piece.to(work)
-            reduce = [d + 1 for d in dims]
-            mean = piece.mean(dim=reduce, keepdim=True)
-            var = piece.var(dim=reduce, unbiased=False, keepdim=True)
-            outputs.append(((piece - mean) * torch.rsqrt(var + self.eps)).flatten(0, 1))
-            count = piece[0].numel() // piece.shape[2]
-            means.append(mean.flatten(1))
-            variances.append(var.flatten(1) * (count / max(count - 1, 1)))
-            sizes.append(piece.shape[0])
-        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        # split, not sliced: a slice's backward would write the gradient into a fresh contiguous
+        # (not channels_last) tensor
+        parts = xw.split([full, n - full]) if full < n else (xw,)
+        pieces = [self._normalize_groups(part, min(g, len(part))) for part in parts]
+        y = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
         y = y.to(x.dtype)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            y = y.contiguous(memory_format=torch.channels_last)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        y = y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if self.track_running_stats:
-            self._update_running_stats(torch.cat(means), torch.cat(variances))
+            self._update_running_stats(torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]))
         return y
+
+    def _normalize_groups(self, x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch norm of each group of g consecutive examples of x (len(x) a multiple of g), as one
+        group norm: the g examples of a group stacked along the first spatial axis form one tall
+        example, whose channels are the norm's groups (a view when x is channels_last). torch's
+        fused kernel also returns each group's mean and 1/std, which F.group_norm discards.
+        Returns the output, and the groups' means and unbiased variances, (n // g, C) each."""
+        n, channels = x.shape[0], x.shape[1]
+        last = x.movedim(1, -1)  # (n, *spatial, C)
+        tall = (
+            last.reshape(n // g, g * last.shape[1], *last.shape[2:])
+            if x.dim() > 2
+            else last.reshape(n // g, g, -1)
+        )
+        tall = tall.movedim(-1, 1)  # (n // g, C, g * H, W), or (n // g, C, g) for (n, C) input
+        per_group = tall[0, 0].numel()
+        out, mean, rstd = torch.native_group_norm(
+            tall, self.weight, self.bias, n // g, channels, per_group, channels, self.eps
+        )
+        y = out.movedim(1, -1).reshape(last.shape).movedim(-1, 1)
+        var = (rstd.detach().pow(-2) - self.eps).clamp(min=0)  # biased, as the kernel had it
+        unbiased = var * (per_group / max(per_group - 1, 1))
+        return y, mean.detach(), unbiased
 
     @torch.no_grad()
     def _update_running_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
@@ -168,6 +192,7 @@ class CifarResNet(nn.Module):
         width: float = 1.0,
         norm: str = "bn",
         ghost_batch: int | None = None,
+        init: str = "he",
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
@@ -184,7 +209,7 @@ class CifarResNet(nn.Module):
                 current = channels
         self.blocks = nn.Sequential(*layers)
         self.fc = nn.Linear(current, num_classes)
-        _he_init(self)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.stem_norm(self.stem(x)))
@@ -203,6 +228,7 @@ class ConvNet(nn.Module):
         width: float = 1.0,
         norm: str = "bn",
         ghost_batch: int | None = None,
+        init: str = "he",
     ) -> None:
         super().__init__()
         c1, c2 = max(1, round(8 * width)), max(1, round(16 * width))
@@ -219,14 +245,16 @@ class ConvNet(nn.Module):
             nn.Flatten(),
         )
         self.fc = nn.Linear(c2, num_classes)
-        _he_init(self)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
 
 class MLP(nn.Module):
-    """Flatten, two hidden layers of 64 * width units with ReLU, then a linear classifier."""
+    """Flatten, two hidden layers of `hidden` * width units, each Linear -> [norm] -> activation,
+    then a linear classifier; biases everywhere. With hidden=200 and no norm it is Cohen et al.'s
+    `fc-tanh` / `fc-relu` (their archs.py `fully_connected_net`)."""
 
     def __init__(
         self,
@@ -235,30 +263,213 @@ class MLP(nn.Module):
         width: float = 1.0,
         norm: str = "none",
         ghost_batch: int | None = None,
+        hidden: int = 64,
+        activation: str = "relu",
+        init: str = "torch",
     ) -> None:
         super().__init__()
-        hidden = max(1, round(64 * width))
+        size = max(1, round(hidden * width))
         layers: list[nn.Module] = [nn.Flatten()]
-        for size_in in (in_features, hidden):
-            layers.append(nn.Linear(size_in, hidden))
+        for size_in in (in_features, size):
+            layers.append(nn.Linear(size_in, size))
             if norm == "bn":
-                layers.append(GhostBatchNorm1d(hidden, ghost_batch))
+                layers.append(GhostBatchNorm1d(size, ghost_batch))
             elif norm == "group":
-                layers.append(nn.GroupNorm(min(GROUP_NORM_GROUPS, hidden), hidden))
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(hidden, num_classes))
+                layers.append(nn.GroupNorm(min(GROUP_NORM_GROUPS, size), size))
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(size, num_classes))
         self.net = nn.Sequential(*layers)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def _he_init(model: nn.Module) -> None:
+class KerasSameMaxPool2d(nn.Module):
+    """Keras 1's MaxPooling2D(border_mode='same') on the Theano backend, which Keskar et al. ran:
+    pad p = k - 2 (odd k) or k - 1 (even k) on every side, pool, keep the first ceil(n / s)
+    rows and columns. For 3x3 stride 2 that is padding 1 (32 -> 16 -> 8); for 2x2 stride 2 the
+    windows start one pixel early (rows -1..0, 1..2, ...: the last row and column are never
+    pooled), unlike TensorFlow's 'same' or torch's MaxPool2d(2). Theano pads with zeros, torch
+    with -inf: the same here, where every pool follows a ReLU (inputs >= 0)."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.padding = kernel - 2 if kernel % 2 else kernel - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.max_pool2d(x, self.kernel, self.stride, self.padding)
+        rows, cols = (math.ceil(n / self.stride) for n in x.shape[-2:])
+        return out[..., :rows, :cols]
+
+
+def _keras_bn(features: int, norm: str, ghost_batch: int | None, spatial: bool) -> nn.Module:
+    """Keras 1 BatchNormalization(mode=2): the batch's own statistics in training and evaluation
+    alike, no running statistics (biased variance, epsilon KERAS_BN_EPS); per channel after a
+    conv (axis=1 in Theano's channels-first order), per unit after a Dense layer."""
+    if norm == "none":
+        return nn.Identity()
+    cls = GhostBatchNorm2d if spatial else GhostBatchNorm1d
+    return cls(features, ghost_batch, eps=KERAS_BN_EPS, track_running_stats=False)
+
+
+class KeskarShallowNet(nn.Module):
+    """Keskar et al.'s C1 (CIFAR-10) and C3 (CIFAR-100), `shallownet` in their network_zoo.py:
+
+        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
+        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
+        Flatten (64 * 8 * 8) -> Dense 384 -> BN -> ReLU -> Dropout 0.5
+        -> Dense 192 -> BN -> ReLU -> Dropout 0.5 -> Dense classes (softmax in the loss)
+
+    Every conv and Dense layer has a bias; BN is Keras mode 2 (`_keras_bn`); 1,757,834 trainable
+    parameters for 10 classes. `width` scales every hidden layer (1: the paper's). Default
+    initialization Keras' (`init="glorot"`): Glorot uniform weights, zero biases.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int = 32,
+        width: float = 1.0,
+        norm: str = "bn",
+        ghost_batch: int | None = None,
+        init: str = "glorot",
+    ) -> None:
+        super().__init__()
+        conv, dense1, dense2 = (max(1, round(c * width)) for c in (64, 384, 192))
+        layers: list[nn.Module] = []
+        size, current = image_size, in_channels
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(current, conv, 5, padding=2),
+                _keras_bn(conv, norm, ghost_batch, spatial=True),
+                nn.ReLU(),
+                KerasSameMaxPool2d(3, 2),
+            ]
+            size, current = math.ceil(size / 2), conv
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Sequential(
+            nn.Linear(conv * size * size, dense1),
+            _keras_bn(dense1, norm, ghost_batch, spatial=False),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(dense1, dense2),
+            _keras_bn(dense2, norm, ghost_batch, spatial=False),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(dense2, num_classes),
+        )
+        init_weights(self, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class KeskarDeepNet(nn.Module):
+    """Keskar et al.'s C2 (CIFAR-10) and C4 (CIFAR-100), `deepnet` in their network_zoo.py, a
+    VGG-16-like net of five stacks of 3x3 'same' convs, each conv -> BN -> ReLU:
+
+        64, 64 | 128, 128 | 256, 256, 256 | 512, 512, 512 | 512, 512, 512
+        Dropout 0.3 after the first conv of the first stack, 0.4 after every other conv that is
+        not the last of its stack; MaxPool 2x2 stride 2 same after each stack (32 -> 1)
+        Flatten -> Dropout 0.5 -> Dense 512 -> BN -> ReLU -> Dropout 0.5 -> Dense classes
+
+    Biases everywhere, BN Keras mode 2 (`_keras_bn`), Keras 1 Theano 'same' pooling
+    (`KerasSameMaxPool2d`: at 2 x 2 only the top-left pixel reaches the classifier);
+    14,991,946 trainable parameters for 10 classes. `width` scales every hidden layer.
+    Default initialization Keras' (`init="glorot"`): Glorot uniform weights, zero biases.
+    """
+
+    STACKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int = 32,
+        width: float = 1.0,
+        norm: str = "bn",
+        ghost_batch: int | None = None,
+        init: str = "glorot",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, current = image_size, in_channels
+        for stack, (channels, convs) in enumerate(self.STACKS):
+            channels = max(1, round(channels * width))
+            for index in range(convs):
+                layers += [
+                    nn.Conv2d(current, channels, 3, padding=1),
+                    _keras_bn(channels, norm, ghost_batch, spatial=True),
+                    nn.ReLU(),
+                ]
+                if index < convs - 1:
+                    layers.append(nn.Dropout(0.3 if stack == 0 else 0.4))
+                current = channels
+            layers.append(KerasSameMaxPool2d(2, 2))
+            size = math.ceil(size / 2)
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        dense = max(1, round(512 * width))
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5),
+            nn.Linear(current * size * size, dense),
+            _keras_bn(dense, norm, ghost_batch, spatial=False),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(dense, num_classes),
+        )
+        init_weights(self, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def init_weights(model: nn.Module, init: str) -> None:
+    """Initialize `model` in place, module by module in order:
+
+    - "he": convolutions N(0, 2 / fan_in) (He et al. 2015), zero conv biases; linear layers keep
+      torch's default (as the CIFAR ResNets here always had it);
+    - "glorot": Keras' default, convolutions and linear layers U(+-sqrt(6 / (fan_in + fan_out)))
+      (Glorot & Bengio 2010; fans include the kernel's area, as Keras 1 computed them), zero biases;
+    - "torch": torch's own default, left as built (weights kaiming_uniform(a=sqrt(5)), i.e.
+      U(+-1/sqrt(fan_in)), biases U(+-1/sqrt(fan_in))).
+
+    Normalization layers keep γ = 1, β = 0.
+    """
+    if init not in INITS:
+        raise SharpError(f"init {init!r} is unknown: choose one of {', '.join(INITS)}")
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if init == "he" and isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        elif init == "glorot" and isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            continue
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def default_init(name: str) -> str:
+    """The initialization `build_model(name, ...)` uses when none is given (see `init_weights`):
+    Keras' Glorot for Keskar et al.'s nets, torch's default for the fully-connected nets, He
+    for the conv nets."""
+    if name in KESKAR_NETS:
+        return "glorot"
+    if name in FC_NETS or name == "mlp":
+        return "torch"
+    return "he"
+
+
+def model_norms(name: str) -> tuple[str, ...]:
+    """The `--norm` values a model takes: Keskar et al.'s nets have BN (Keras mode 2) or none,
+    Cohen et al.'s fully-connected nets none; the others bn, none or group."""
+    if name in KESKAR_NETS:
+        return ("bn", "none")
+    if name in FC_NETS:
+        return ("none",)
+    return ("bn", "none", "group")
 
 
 def build_model(
@@ -269,17 +480,28 @@ def build_model(
     width: float = 1.0,
     norm: str = "bn",
     bn_batch: int | None = None,
+    init: str | None = None,
 ) -> nn.Module:
-    """A model by name: `resnet8` ... `resnet110`, `convnet` or `mlp`."""
+    """A model by name (MODEL_NAMES): `resnet8` ... `resnet110`, `convnet`, `mlp`, `keskar-c1`,
+    `keskar-c2`, `fc-tanh` or `fc-relu`; `init` one of INITS, None for `default_init(name)`."""
+    if name not in MODEL_NAMES:
+        raise SharpError(f"--model {name!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
+    if norm not in model_norms(name):
+        raise SharpError(f"--model {name} takes --norm {' or '.join(model_norms(name))}, not --norm {norm}")
+    init = init or default_init(name)
+    pixels = in_channels * image_size * image_size
     if name in RESNET_DEPTHS:
-        return CifarResNet(RESNET_DEPTHS[name], in_channels, num_classes, width, norm, bn_batch)
+        return CifarResNet(RESNET_DEPTHS[name], in_channels, num_classes, width, norm, bn_batch, init)
     if name == "convnet":
-        return ConvNet(in_channels, num_classes, width, norm, bn_batch)
+        return ConvNet(in_channels, num_classes, width, norm, bn_batch, init)
     if name == "mlp":
-        return MLP(in_channels * image_size * image_size, num_classes, width, norm, bn_batch)
-    raise SharpError(
-        f"--model {name!r} is unknown: choose one of {', '.join([*RESNET_DEPTHS, 'convnet', 'mlp'])}"
-    )
+        return MLP(pixels, num_classes, width, norm, bn_batch, init=init)
+    if name == "keskar-c1":
+        return KeskarShallowNet(in_channels, num_classes, image_size, width, norm, bn_batch, init)
+    if name == "keskar-c2":
+        return KeskarDeepNet(in_channels, num_classes, image_size, width, norm, bn_batch, init)
+    activation = name.removeprefix("fc-")
+    return MLP(pixels, num_classes, width, norm, bn_batch, hidden=200, activation=activation, init=init)
 
 
 def is_conv_net(model: nn.Module) -> bool:
