@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sharp.errors import SharpError
-from sharp.losses import LOSSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +44,7 @@ SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp64")
 BN_MODES = ("eval", "batch")
+LOSSES = ("ce", "mse")
 DEFAULT_MICRO_BATCH_CAP = 512
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
@@ -207,6 +207,12 @@ def validate(cfg: TrainConfig) -> None:
     if name not in (*DATASETS, "folder"):
         raise SharpError(
             f"--dataset {dataset!r} is unknown: choose cifar10, cifar100, digits, synthetic or folder:PATH"
+        )
+    from sharp.models import model_norms  # here, not at the top: the CLI parses without torch
+
+    if cfg.norm not in model_norms(cfg.model):
+        raise SharpError(
+            f"--model {cfg.model} takes --norm {' or '.join(model_norms(cfg.model))}, not --norm {cfg.norm}"
         )
     if name == "folder" and not dataset[len("folder:") :]:
         raise SharpError("--dataset folder: needs a path, e.g. folder:/data/cifar10-jpeg")

@@ -13,10 +13,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sharp.config import LOSSES
 from sharp.errors import SharpError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LOSSES = ("ce", "mse")
 
 
 def cross_entropy_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -253,6 +253,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
     model = build_model(
         cfg.model, data.in_channels, data.num_classes, data.image_size, cfg.width, cfg.norm, cfg.bn_batch
     )
+    model = model.to(device=device, dtype=dtype)  # before loading: fp64 weights must not pass through fp32
     init_source = None
     if cfg.init_from:
         path, state = initial_weights(cfg.init_from)
@@ -263,7 +264,6 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
             raise SharpError(f"--init-from {path} does not fit --model {cfg.model} ({first})") from None
         init_source = str(path)
     torch.manual_seed(epoch_seed(cfg.seed, 0, 2))  # the run's own stream (dropout), apart from the init
-    model = model.to(device=device, dtype=dtype)
     set_bn_batch(model, cfg.bn_batch)
     dist.broadcast_parameters(model.state_dict().values())
     channels_last = cfg.channels_last if cfg.channels_last is not None else is_conv_net(model)

@@ -45,11 +45,6 @@ def test_norm_none_has_biases_and_no_normalization():
     assert torch.isfinite(out).all() and out.std() < 100
 
 
-def test_group_norm_variant():
-    model = build_model("resnet8", 3, 10, norm="group")
-    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-
-
 def test_bad_depth_and_name():
     with pytest.raises(SharpError, match="6n\\+2"):
         CifarResNet(10)
