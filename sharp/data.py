@@ -358,10 +358,18 @@ class Window:
         return len(self.positions)
 
     def micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches: its contiguous share of the window, cut into micro-batches."""
-        share = self.positions.tensor_split(self.loader.world_size)[self.loader.rank]
+        """This rank's micro-batches: its contiguous share of the window, cut into micro-batches;
+        or, when the loader shares every micro-batch (--sync-bn), its share of each global
+        micro-batch of world_size x micro_batch examples, so that every rank runs the same
+        number of forward passes over the same global micro-batches (a share may be empty)."""
+        loader = self.loader
+        if loader.share_micro_batches:
+            for chunk in self.positions.split(self.micro_batch * loader.world_size):
+                yield loader.gather(chunk.tensor_split(loader.world_size)[loader.rank])
+            return
+        share = self.positions.tensor_split(loader.world_size)[loader.rank]
         for chunk in share.split(self.micro_batch):
-            yield self.loader.gather(chunk)
+            yield loader.gather(chunk)
 
 
 class DeviceLoader:
@@ -388,6 +396,7 @@ class DeviceLoader:
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        share_micro_batches: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device)
@@ -397,6 +406,7 @@ class DeviceLoader:
         self.augment = augment
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size  # each window is shared out over the ranks
+        self.share_micro_batches = share_micro_batches
         shape = (1, -1, 1, 1)
         self._shift = torch.tensor([255.0 * m for m in mean], device=self.device, dtype=dtype).view(shape)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device, dtype=dtype).view(

@@ -45,10 +45,13 @@ class _GhostBatchNorm:
     """
 
     ghost_batch: int | None = None
+    synchronized: bool = False  # --sync-bn: statistics over every rank's batch (see _synchronized_forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # running statistics, or the batch's own when none are kept
             return self._eval_forward(x) if self.running_mean is not None else super().forward(x)
+        if self.synchronized and torch.distributed.is_initialized():
+            return self._synchronized_forward(x)
         g = self.ghost_batch
         if g is None or x.shape[0] <= g:
             return super().forward(x)  # type: ignore[misc]
@@ -107,6 +110,33 @@ class _GhostBatchNorm:
         unbiased = var * (per_group / max(per_group - 1, 1))
         return y, mean.detach(), unbiased
 
+    def _synchronized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch norm over the union of every rank's batch: the per-channel sum is all-reduced
+        for the mean, then the sum of squared deviations for the variance (two passes, no
+        E[x²] − E[x]² cancellation), both through `torch.distributed.nn`'s differentiable
+        all-reduce, so each rank's gradient includes what its examples do to the others'
+        statistics. torch's SyncBatchNorm is not used: it runs on GPUs only. A rank with an
+        empty share still takes part (its sums are zero)."""
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xw = x.to(work)
+        count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=work, device=x.device)
+        total = all_reduce(torch.cat([xw.sum(dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = xw - mean.view(shape)
+        var = all_reduce(centred.square().sum(dims)) / n  # biased, as BN normalizes
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            unbiased = var.detach() * (n / (n - 1).clamp(min=1))
+            self._update_running_stats(mean.detach()[None], unbiased[None])
+        return y.to(x.dtype)
+
     @torch.no_grad()
     def _update_running_stats(self, means: torch.Tensor, variances: torch.Tensor) -> None:
         """Apply r <- (1 - m) r + m s_k for the groups k = 1..K in order, in closed form."""
@@ -129,6 +159,13 @@ class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
     def __init__(self, num_features: int, ghost_batch: int | None = None, **kw) -> None:
         super().__init__(num_features, **kw)
         self.ghost_batch = ghost_batch
+
+
+def synchronize_bn(model: nn.Module) -> None:
+    """Make every BN layer normalize over all ranks' batches together in training (--sync-bn)."""
+    for module in model.modules():
+        if isinstance(module, _GhostBatchNorm):
+            module.synchronized = True
 
 
 def set_bn_batch(model: nn.Module, ghost_batch: int | None) -> None:

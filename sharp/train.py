@@ -47,7 +47,7 @@ from sharp.errors import RunDiverged, SharpError
 from sharp.fileio import atomic_write_json, read_jsonl
 from sharp.losses import LossFn, cross_entropy_sum, summed_loss
 from sharp.metrics_log import MetricsLog
-from sharp.models import build_model, is_conv_net, set_bn_batch
+from sharp.models import build_model, is_conv_net, set_bn_batch, synchronize_bn
 from sharp.probes.noise import OnlineNoiseScale
 from sharp.progress import progress_bar
 from sharp.runs import RunDir, git_revision, load_checkpoint
@@ -265,6 +265,8 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         init_source = str(path)
     torch.manual_seed(epoch_seed(cfg.seed, 0, 2))  # the run's own stream (dropout), apart from the init
     set_bn_batch(model, cfg.bn_batch)
+    if cfg.sync_bn and dist.enabled:
+        synchronize_bn(model)
     dist.broadcast_parameters(model.state_dict().values())
     channels_last = cfg.channels_last if cfg.channels_last is not None else is_conv_net(model)
     if channels_last:
@@ -282,6 +284,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         augment=resolve_augment(cfg),
         rank=dist.rank,
         world_size=dist.world_size,
+        share_micro_batches=cfg.sync_bn,
         **loader_args,
     )
     eval_index = balanced_subset(train_labels, cfg.eval_train_size, cfg.data_seed + 1)
@@ -674,9 +677,17 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
         "world_size": world,
         "accumulation_steps": math.ceil(batch / world / micro),  # per rank
         "effective_batch_rule": "world_size shares of a batch, each as accumulation_steps micro-batches",
-        "bn_batch": (cfg.bn_batch or micro) if cfg.norm == "bn" else None,
+        "bn_batch": ((cfg.bn_batch or micro) * (world if cfg.sync_bn else 1)) if cfg.norm == "bn" else None,
         "bn_statistics": "batch (no running statistics)" if uses_batch_statistics(t.model) else "running",
-        "bn_buffers_across_ranks": "averaged before every evaluation and checkpoint" if world > 1 else None,
+        "bn_across_ranks": (
+            (
+                "synchronized: statistics over all ranks' micro-batches"
+                if cfg.sync_bn
+                else "per rank; buffers averaged before every evaluation and checkpoint"
+            )
+            if world > 1
+            else None
+        ),
         "eval_batch": t.eval_batch,
         "loss": cfg.loss,
         "init_seed": cfg.seed if cfg.init_seed is None else cfg.init_seed,

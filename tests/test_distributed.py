@@ -114,6 +114,18 @@ SCENARIOS = {
         lr=0.1,
         eval_every=0.5,
     ),
+    # --sync-bn: every global micro-batch of 2 x 16 is normalized as one, as one process does
+    # with micro-batches of 32; the short last window (29: shares 15 and 14) included
+    "sync_bn": dict(
+        model="convnet",
+        norm="bn",
+        batch_size=64,
+        micro_batch=16,
+        epochs=1,
+        lr=0.1,
+        sync_bn=True,
+        eval_every=0.5,
+    ),
     # 1437 = 359 x 4 + 1: the last window has one example, so rank 1's share is empty
     "empty_share": dict(model="mlp", norm="none", batch_size=4, micro_batch=2, epochs=1, lr=0.05),
     "until_loss": dict(
@@ -232,3 +244,12 @@ def test_ddp_resume_is_bit_identical(ddp_runs):
     assert strip(read_jsonl(ddp_runs / "resume" / "metrics.jsonl")) == strip(
         read_jsonl(ddp_runs / "cut" / "metrics.jsonl")
     )
+
+
+def test_ddp_sync_bn_equals_one_process_normalizing_both_shares_together(ddp_runs, tmp_path, digits):
+    one = _single(tmp_path, digits, "sync_bn", micro_batch=32, sync_bn=False)
+    ours, theirs = _final(ddp_runs / "sync_bn"), _final(one)
+    # fp64: rounding only, in the weights and in the running statistics (identical on both ranks)
+    assert _max_diff(ours, theirs) < 1e-10
+    derived = json.loads((ddp_runs / "sync_bn" / "config.json").read_text())["derived"]
+    assert derived["bn_batch"] == 32 and derived["bn_across_ranks"].startswith("synchronized")
