@@ -179,9 +179,7 @@ def bench_train(
     compiled = False
     if fastest:
         compiled = compiler_works()
-        fast = make_trainer(
-            ds, device, model, batch, micro, width=width, precision="bf16", compile=compiled
-        )
+        fast = make_trainer(ds, device, model, batch, micro, width=width, precision="bf16", compile=compiled)
         fast_windows = trainer_windows(fast, batch, micro)
         runs["sharp_fastest"] = lambda: sharp_steps(fast, fast_windows, steps)
         setup["sharp_fastest"] = lambda: sharp_steps(fast, fast_windows, 1)

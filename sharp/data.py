@@ -336,7 +336,7 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """An independent 63-bit seed per (run seed, epoch, purpose)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.integrate import trapezoid
 from torch import nn
 from torch.func import functional_call, grad, jacfwd
 
@@ -389,7 +390,7 @@ def test_density_of_a_diagonal_hessian_is_the_closed_form_mixture():
     grid = np.asarray(result.grid)
     np.testing.assert_allclose(grid[[0, -1]], [d.min() - 1.0, d.max() + 1.0])
     expected = np.exp(-0.5 * ((grid[:, None] - d) / 0.2) ** 2).sum(1)
-    expected /= np.trapezoid(expected, grid)
+    expected /= trapezoid(expected, grid)
     np.testing.assert_allclose(result.density, expected, rtol=1e-9, atol=1e-12)
     assert result.evaluations["hvp"] == 2 * len(d) == result.iterations
     # fewer steps than n: each run's quadrature still has mean v^T H v / v^T v = tr(H) / n exactly
@@ -405,7 +406,7 @@ def test_density_mean_estimates_trace_over_n():
     n_runs = 30
     result = hessian_density(model, batches, n_runs=n_runs, n_iter=20, seed=1)
     grid, density = np.asarray(result.grid), np.asarray(result.density)
-    assert np.trapezoid(density, grid) == pytest.approx(1, abs=1e-12) and density.min() >= 0
+    assert trapezoid(density, grid) == pytest.approx(1, abs=1e-12) and density.min() >= 0
     means = []
     lam = np.linalg.eigvalsh(H)
     for theta, weights in zip(result.ritz_values, result.weights, strict=True):
@@ -413,7 +414,7 @@ def test_density_mean_estimates_trace_over_n():
         assert lam[0] - 1e-10 <= min(theta) and max(theta) <= lam[-1] + 1e-10  # interlacing
         means.append(np.dot(theta, weights))
     quadrature_mean = np.mean(means)
-    assert np.trapezoid(grid * density, grid) == pytest.approx(quadrature_mean, abs=1e-6)
+    assert trapezoid(grid * density, grid) == pytest.approx(quadrature_mean, abs=1e-6)
     n = H.shape[0]
     sd = math.sqrt(2 * (np.sum(H**2) - np.sum(np.diag(H) ** 2))) / n / math.sqrt(n_runs)
     assert abs(quadrature_mean - np.trace(H) / n) <= 4 * sd

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from scipy.integrate import trapezoid  # numpy's own needs numpy >= 2
 from scipy.linalg import eigh_tridiagonal
 
 from sharp.errors import SharpError
@@ -638,7 +639,7 @@ def hessian_density(
         z = (grid[:, None] - theta[None, :]) / sigma
         density += (np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ w
     density /= n_runs
-    density /= np.trapezoid(density, grid)
+    density /= trapezoid(density, grid)
     return DensityResult(
         grid=grid.tolist(),
         density=density.tolist(),
