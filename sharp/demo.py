@@ -30,6 +30,7 @@ def demo_spec(quick: bool = False) -> dict[str, Any]:
             "lr": 0.001,
             "epochs": epochs,
             "eval_every": 1.0,
+            "deterministic": True,  # the same numbers on every run of one machine kind
         },
         "groups": {
             "sb_lb": {
