@@ -122,6 +122,10 @@ class TrainConfig:
     )
     noise_scale: bool = _opt(False, "log the online gradient noise scale B_simple")
     tensorboard: bool = _opt(False, "also write metrics as TensorBoard scalars to RUN/tensorboard/")
+    # sharpness-aware minimization
+    sam_rho: float = _opt(0.0, "SAM radius rho (0: off); each step then costs two passes (Foret et al.)")
+    sam_adaptive: bool = _opt(False, "ASAM: the perturbation scaled elementwise by |w| (Kwon et al.)")
+    sam_m: int | None = _opt(None, "m-SAM: the ascent per group of M examples of each micro-batch")
     # loss and initialization
     loss: str = _opt("ce", "ce (cross-entropy) or mse (1/2 |f(x) - onehot(y)|^2, Cohen et al.)", LOSSES)
     init_seed: int | None = _opt(None, "seed of the initial weights alone (default: --seed)")
@@ -241,7 +245,8 @@ def validate(cfg: TrainConfig) -> None:
         "until_plateau",
         "eval_batch",
     )
-    _non_negative(cfg, "momentum", "weight_decay", "plateau_tol")
+    _non_negative(cfg, "momentum", "weight_decay", "plateau_tol", "sam_rho")
+    _check_sam(cfg)
     if not 0 <= cfg.warmup < 1:
         raise SharpError(f"--warmup {cfg.warmup} is a fraction of the steps: choose 0 <= x < 1")
     if cfg.micro_batch is not None and cfg.micro_batch > cfg.batch_size and not cfg.batch_schedule:
@@ -269,14 +274,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.schedule == "step":
         parse_milestones(cfg.milestones)
     if cfg.batch_schedule:
-        for _, batch in parse_batch_schedule(cfg.batch_schedule):
+        for batch in batch_sizes(cfg):
             if cfg.micro_batch is not None and cfg.micro_batch > batch:
                 raise SharpError(
                     f"--micro-batch {cfg.micro_batch} is larger than batch {batch} of --batch-schedule"
                 )
     if cfg.noise_scale:
-        batches = [b for _, b in parse_batch_schedule(cfg.batch_schedule)] if cfg.batch_schedule else []
-        for batch in batches or [cfg.batch_size]:
+        for batch in batch_sizes(cfg):
             if resolved_micro_batch(cfg, batch) >= batch:
                 raise SharpError(
                     f"--noise-scale needs --micro-batch smaller than --batch-size (batch {batch}): it "
@@ -288,6 +292,38 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
+
+
+def batch_sizes(cfg: TrainConfig) -> list[int]:
+    """Every SGD batch size the run uses: the --batch-schedule's, or --batch-size."""
+    return (
+        [b for _, b in parse_batch_schedule(cfg.batch_schedule)] if cfg.batch_schedule else [cfg.batch_size]
+    )
+
+
+def _check_sam(cfg: TrainConfig) -> None:
+    if not cfg.sam_rho:
+        for name in ("sam_m", "sam_adaptive"):
+            if getattr(cfg, name):
+                raise SharpError(
+                    f"{option_name(name)} modifies SAM: give --sam-rho too (e.g. --sam-rho 0.05)"
+                )
+        return
+    _positive(cfg, "sam_m")
+    if cfg.sam_m is None:
+        return
+    if cfg.noise_scale:
+        raise SharpError(
+            "--noise-scale reads the window's first-pass gradient, which m-SAM never forms: drop --sam-m, "
+            "or measure the noise scale offline with sharp probe --noise-scale"
+        )
+    for batch in batch_sizes(cfg):
+        micro = resolved_micro_batch(cfg, batch)
+        if micro % cfg.sam_m:
+            raise SharpError(
+                f"--sam-m {cfg.sam_m} does not divide the micro-batch {micro}: m-SAM takes its ascent per "
+                "group of M examples of each micro-batch, so choose a divisor"
+            )
 
 
 @dataclass

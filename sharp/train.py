@@ -48,6 +48,7 @@ from sharp.fileio import atomic_write_json, read_jsonl
 from sharp.losses import LossFn, cross_entropy_sum, summed_loss
 from sharp.metrics_log import MetricsLog
 from sharp.models import build_model, is_conv_net, set_bn_batch, synchronize_bn
+from sharp.optim import sam_perturbation, shift
 from sharp.probes.noise import OnlineNoiseScale
 from sharp.progress import progress_bar
 from sharp.runs import RunDir, git_revision, load_checkpoint
@@ -226,6 +227,7 @@ class Training:
     channels_last: bool
     noise: OnlineNoiseScale | None = None
     init_source: str | None = None
+    random_layers: bool = False  # the model draws random numbers in training (dropout)
 
     @property
     def n_train(self) -> int:
@@ -327,6 +329,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         # B_simple from each step's micro-batch and window gradients (McCandlish et al. 2018)
         noise=OnlineNoiseScale(NOISE_SCALE_DECAY, len(train_loader)) if cfg.noise_scale else None,
         init_source=init_source,
+        random_layers=any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()),
     )
 
 
@@ -336,11 +339,21 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
 def train_step(t: Training, window: Window, lr: float, stop: bool = False) -> StepResult:
     """One optimizer step at rate `lr` over `window`: accumulate every micro-batch's gradient,
     sum over ranks (one all-reduce, carrying loss, count, `stop` and the noise-scale sums),
-    update the online noise scale, step the optimizer. Nothing is read back to the host."""
+    update the online noise scale, step the optimizer. Nothing is read back to the host.
+
+    With `--sam-rho` this is SAM's two passes (Foret et al. 2021): the first accumulates the
+    window's gradient g exactly as without SAM (the noise scale reads it); the second
+    accumulates, over the same micro-batches, the gradient at w + ε(g), which the optimizer
+    applies at w. With `--sam-m` the ascent is taken per group of M examples instead
+    (m-sharpness), each group's two passes in turn, with one all-reduce in all.
+    """
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     t.optimizer.zero_grad(set_to_none=True)
-    noise = t.noise
+    cfg, noise = t.cfg, t.noise
+    if cfg.sam_rho and cfg.sam_m:
+        return _finish(t, _m_sam_gradients(t, window), stop)
+    random_state = _random_state(t) if cfg.sam_rho else None
     if noise is not None:  # micro-batch and window gradients at the same parameters
         noise.begin_step(t.model.parameters(), window.count)
     result = accumulate_gradients(
@@ -351,21 +364,106 @@ def train_step(t: Training, window: Window, lr: float, stop: bool = False) -> St
         noise.after_backward if noise is not None else None,
         t.loss_sum,
     )
-    if t.dist.enabled:
-        extras = [result.loss_sum.reshape(1), result.correct.reshape(1), torch.tensor([float(stop)])]
-        if noise is not None:
-            extras.append(noise.local_sums())
-        summed = t.dist.all_reduce_step(t.params, torch.cat([e.to(t.device, torch.float64) for e in extras]))
-        result = StepResult(summed[0], summed[1].round().long(), window.count, summed[2])
-        if noise is not None:
-            window_grad = torch.cat([p.grad.reshape(-1) for p in t.params])
-            noise.finish_step(
-                summed[3:6], torch.linalg.vector_norm(window_grad, dtype=torch.float64).square()
-            )
-    elif noise is not None:
-        noise.end_step()
+    result = _summed_over_ranks(t, result, stop)
+    if cfg.sam_rho:
+        _sam_second_pass(t, window, random_state)
     t.optimizer.step()
     return result
+
+
+def _finish(t: Training, result: StepResult, stop: bool) -> StepResult:
+    result = _summed_over_ranks(t, result, stop)
+    t.optimizer.step()
+    return result
+
+
+def _summed_over_ranks(t: Training, result: StepResult, stop: bool) -> StepResult:
+    """The step's gradients, loss and counts over every rank (and the noise scale's update)."""
+    noise = t.noise
+    if not t.dist.enabled:
+        if noise is not None:
+            noise.end_step()
+        return result
+    extras = [result.loss_sum.reshape(1), result.correct.reshape(1), torch.tensor([float(stop)])]
+    if noise is not None:
+        extras.append(noise.local_sums())
+    summed = t.dist.all_reduce_step(t.params, torch.cat([e.to(t.device, torch.float64) for e in extras]))
+    if noise is not None:
+        window_grad = torch.cat([p.grad.reshape(-1) for p in t.params])
+        noise.finish_step(summed[3:6], torch.linalg.vector_norm(window_grad, dtype=torch.float64).square())
+    return StepResult(summed[0], summed[1].round().long(), result.count, summed[2])
+
+
+def _random_state(t: Training) -> tuple[torch.Tensor, ...] | None:
+    """The RNG state before a SAM pass, so that the second pass draws the same dropout masks."""
+    if not t.random_layers:
+        return None
+    if t.device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(t.device)
+    return (torch.get_rng_state(),)
+
+
+def _set_random_state(t: Training, state: tuple[torch.Tensor, ...] | None) -> None:
+    if state is not None:
+        torch.set_rng_state(state[0])
+        if len(state) > 1:
+            torch.cuda.set_rng_state(state[1], t.device)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """BN running statistics (every buffer) as they were on entry, whatever ran inside: SAM's
+    second pass must not update them a second time."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved, strict=True):
+                buffer.copy_(value)
+
+
+def _sam_second_pass(t: Training, window: Window, random_state: tuple[torch.Tensor, ...] | None) -> None:
+    """Replace `.grad` (g, summed over ranks) by the window's gradient at w + ε(g)."""
+    cfg = t.cfg
+    deltas = sam_perturbation(t.params, [p.grad for p in t.params], cfg.sam_rho, cfg.sam_adaptive)
+    with _running_statistics_kept(t.model):
+        _set_random_state(t, random_state)
+        shift(t.params, deltas)
+        t.optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(t.forward, window.micro_batches(), window.count, t.autocast, None, t.loss_sum)
+        if t.dist.enabled:
+            t.dist.all_reduce_step(t.params, torch.zeros(0, device=t.device))
+        shift(t.params, deltas, -1.0)
+
+
+def _m_sam_gradients(t: Training, window: Window) -> StepResult:
+    """m-SAM: for each group of `sam_m` consecutive examples of each micro-batch, the gradient
+    of the group's loss at w gives its own ascent ε_g, and the group's loss at w + ε_g adds
+    its gradient (its sum divided by the window's count) to `.grad`. Each group is one forward
+    pass (so BN normalizes over the group), its running statistics updated by the first pass
+    only; no communication until the step's one all-reduce."""
+    cfg = t.cfg
+    device = t.params[0].device
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for inputs, targets in window.micro_batches():
+        for x, y in zip(inputs.split(cfg.sam_m), targets.split(cfg.sam_m), strict=True):
+            random_state = _random_state(t)
+            with t.autocast or contextlib.nullcontext():
+                outputs = t.forward(x)
+            outputs = outputs.float() if outputs.dtype not in (torch.float32, torch.float64) else outputs
+            loss = t.loss_sum(outputs, y)
+            grads = torch.autograd.grad(loss, t.params, allow_unused=True)
+            total = total + loss.detach()
+            correct = correct + (outputs.detach().argmax(1) == y).sum()
+            deltas = sam_perturbation(t.params, grads, cfg.sam_rho, cfg.sam_adaptive)
+            with _running_statistics_kept(t.model):
+                _set_random_state(t, random_state)
+                shift(t.params, deltas)
+                accumulate_gradients(t.forward, [(x, y)], window.count, t.autocast, None, t.loss_sum)
+                shift(t.params, deltas, -1.0)
+    return StepResult(total, correct, window.count)
 
 
 # --- where a run stands -------------------------------------------------------------------------
@@ -705,6 +803,20 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in t.model.parameters()),
         "warmup_steps": t.schedule.warmup_steps,
         "noise_scale_decay": NOISE_SCALE_DECAY if t.noise is not None else None,
+        "sam": (
+            {
+                "rho": cfg.sam_rho,
+                "perturbation": "rho |w|^2 g / || |w| g || (ASAM)"
+                if cfg.sam_adaptive
+                else "rho g / ||g|| (SAM)",
+                "ascent_per": f"group of {cfg.sam_m} examples (m-SAM)" if cfg.sam_m else "whole window",
+                "passes": 2,
+                "bn_running_statistics": "first pass only",
+                "dropout": "the same masks in both passes",
+            }
+            if cfg.sam_rho
+            else None
+        ),
         "optimizer_options": optimizer_options(cfg, t.device),
         "torch_flags": asdict(flags),
     }

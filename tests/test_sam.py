@@ -1,0 +1,209 @@
+"""SAM, ASAM and m-SAM (sharp.optim, and --sam-* in the training step) against closed forms
+on quadratic losses, exact accumulation, BN running statistics and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sharp.config import TrainConfig, make_config
+from sharp.errors import SharpError
+from sharp.optim import SAM
+from sharp.train import build, make_optimizer, train, train_step
+
+F64 = torch.float64
+
+
+# --- sharp.optim.SAM on f(w) = ½ (w − c)ᵀ H (w − c) ----------------------------------------------
+
+
+def _quadratic(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen, dtype=F64)
+    h = a @ a.T + n * torch.eye(n, dtype=F64)
+    c = torch.randn(n, generator=gen, dtype=F64)
+    w0 = torch.randn(n, generator=gen, dtype=F64)
+    return h, c, w0
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_optimizer_step_is_the_closed_form(adaptive):
+    h, c, w0 = _quadratic()
+    w = nn.Parameter(w0.clone())
+    lr, rho = 0.01, 0.3
+    optimizer = SAM([w], torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr)
+
+    def loss():
+        return 0.5 * (w - c) @ h @ (w - c)
+
+    loss().backward()
+    optimizer.first_step(zero_grad=True)
+    loss().backward()
+    optimizer.second_step(zero_grad=True)
+    g = h @ (w0 - c)
+    eps = rho * w0.abs() ** 2 * g / (w0.abs() * g).norm() if adaptive else rho * g / g.norm()
+    expected = w0 - lr * h @ (w0 + eps - c)  # Foret et al.'s step; Kwon et al.'s with T = |w|
+    assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-14)
+
+
+def test_sam_optimizer_step_with_a_closure_and_its_state():
+    h, c, w0 = _quadratic(seed=1)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    first = SAM([a], torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    second = SAM([b], torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    for _ in range(3):
+        (0.5 * (a - c) @ h @ (a - c)).backward()
+        first.first_step(zero_grad=True)
+        (0.5 * (a - c) @ h @ (a - c)).backward()
+        first.second_step(zero_grad=True)
+
+        def closure():
+            loss = 0.5 * (b - c) @ h @ (b - c)
+            loss.backward()
+            return loss
+
+        closure()
+        second.step(closure)
+        second.zero_grad()
+    assert torch.equal(a, b)
+    assert "momentum_buffer" in first.base_optimizer.state[a]  # the base optimizer keeps its state
+
+
+# --- the training step on a linear model with the squared loss: a quadratic in W ----------------
+
+
+def _linear(cfg, digits):
+    """A built run whose model is one bias-free linear layer: with --loss mse the mean loss
+    ½ mean_i ‖W x_i − e_{y_i}‖² is quadratic in W with gradient (W X − Y) Xᵀ / n."""
+    t = build(cfg, dataset=digits)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10, bias=False)).to(F64)
+    t.model = t.forward = model
+    t.params = list(model.parameters())
+    t.optimizer = make_optimizer(cfg, model, cfg.lr)
+    return t
+
+
+def _gradient(w, x, y, n):
+    """(W X − Y) Xᵀ / n for examples x (k, 64) and one-hot targets of y, divided by n."""
+    targets = torch.nn.functional.one_hot(y, 10).to(F64)
+    return (x @ w.T - targets).T @ x / n
+
+
+@pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
+def test_training_step_is_the_closed_form(digits, adaptive, m):
+    lr, rho = 0.1, 0.05
+    cfg = TrainConfig(
+        dataset="digits",
+        model="mlp",
+        norm="none",
+        loss="mse",
+        precision="fp64",
+        batch_size=48,
+        micro_batch=16,
+        lr=lr,
+        sam_rho=rho,
+        sam_adaptive=adaptive,
+        sam_m=m,
+    )
+    t = _linear(cfg, digits)
+    w = t.params[0].detach().clone()
+    window = next(t.train_loader.windows(0, 48, 16))
+    x, y = zip(*window.micro_batches(), strict=True)
+    x, y = torch.cat(x).flatten(1), torch.cat(y)
+
+    def ascent(g):
+        if adaptive:
+            return rho * w.abs() ** 2 * g / (w.abs() * g).norm()
+        return rho * g / g.norm()
+
+    if m is None:  # one ascent from the window's gradient
+        expected = w - lr * _gradient(w + ascent(_gradient(w, x, y, 48)), x, y, 48)
+    else:  # one ascent per group of m consecutive examples, each group's loss at its own w + ε
+        step = sum(
+            _gradient(w + ascent(_gradient(w, xg, yg, len(yg))), xg, yg, 48)
+            for xg, yg in zip(x.split(m), y.split(m), strict=True)
+        )
+        expected = w - lr * step
+    train_step(t, window, lr)
+    assert torch.allclose(t.params[0].detach(), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("m", [None, 4])
+def test_sam_is_exact_under_accumulation(tmp_path, digits, m):
+    # 1437 examples in windows of 60: micro-batches 16,16,16,12 (and 4 groups of 4 each), and a
+    # short last window of 57 (16,16,16,9: groups ..., 4, 4, 1), the same groups as one batch of 60
+    def final(name, micro):
+        cfg = TrainConfig(
+            dataset="digits",
+            model="mlp",
+            norm="none",
+            precision="fp64",
+            batch_size=60,
+            micro_batch=micro,
+            epochs=1,
+            lr=0.3,
+            momentum=0.9,
+            sam_rho=0.05,
+            sam_m=m,
+        )
+        train(cfg, tmp_path / name, dataset=digits, progress_bar=False)
+        return torch.load(tmp_path / name / "final.pt", weights_only=True)
+
+    split, whole = final("split", 16), final("whole", 60)
+    assert max((split[k] - whole[k]).abs().max().item() for k in split) < 1e-10  # fp64 rounding only
+
+
+def test_sam_updates_bn_running_statistics_in_its_first_pass_only(synthetic):
+    common = dict(dataset="synthetic", model="convnet", batch_size=32, micro_batch=16, lr=0.1, augment=False)
+    plain = build(TrainConfig(**common), dataset=synthetic)
+    sharp_aware = build(TrainConfig(**common, sam_rho=0.5), dataset=synthetic)
+    for t in (plain, sharp_aware):
+        train_step(t, next(t.train_loader.windows(0, 32, 16)), 0.1)
+    for a, b in zip(plain.model.buffers(), sharp_aware.model.buffers(), strict=True):
+        assert torch.equal(a, b)  # the same first pass: bit for bit
+    moved = [p for p, q in zip(plain.params, sharp_aware.params, strict=True) if not torch.equal(p, q)]
+    assert moved  # while the weights did take a different step
+
+
+def test_sam_second_pass_draws_the_same_dropout_masks(synthetic):
+    # at a vanishing radius the second pass's gradient is the first's, but only if its
+    # dropout masks are the same: with fresh masks the two gradients differ at O(1)
+    common = dict(
+        dataset="synthetic",
+        model="keskar-c1",
+        width=0.125,
+        batch_size=16,
+        lr=0.01,
+        augment=False,
+        precision="fp64",
+        optimizer="sgd",
+    )
+    plain = build(TrainConfig(**common), dataset=synthetic)
+    tiny = build(TrainConfig(**common, sam_rho=1e-9), dataset=synthetic)
+    for t in (plain, tiny):
+        torch.manual_seed(5)
+        train_step(t, next(t.train_loader.windows(0, 16, 16)), 0.01)
+    for p, q in zip(plain.params, tiny.params, strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"sam_rho": -0.1}, "--sam-rho -0.1 must be zero or positive"),
+        ({"sam_m": 4}, "--sam-m modifies SAM: give --sam-rho"),
+        ({"sam_adaptive": True}, "--sam-adaptive modifies SAM"),
+        ({"sam_rho": 0.05, "sam_m": 5, "batch_size": 64, "micro_batch": 16}, "--sam-m 5 does not divide"),
+        ({"sam_rho": 0.05, "sam_m": 0}, "--sam-m 0 must be positive"),
+        (
+            {"sam_rho": 0.05, "sam_m": 4, "noise_scale": True, "batch_size": 64, "micro_batch": 16},
+            "m-SAM never forms",
+        ),
+    ],
+)
+def test_bad_sam_settings_are_one_line_errors(settings, fragment):
+    with pytest.raises(SharpError, match=fragment) as error:
+        make_config(settings, {})
+    assert "\n" not in str(error.value)
