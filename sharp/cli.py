@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,36 +66,6 @@ def cli() -> None:
     """Train small- and large-batch models and measure how sharp their minima are."""
 
 
-def default_out(cfg: TrainConfig) -> Path:
-    dataset = re.sub(r"[^A-Za-z0-9]+", "-", Path(cfg.dataset.replace("folder:", "")).name or cfg.dataset)
-    return Path("runs") / f"{dataset}-{cfg.model}-B{cfg.batch_size}-seed{cfg.seed}"
-
-
-def _resume_config(run_path: Path, given: dict[str, Any]) -> TrainConfig:
-    from sharp.runs import RunDir
-
-    run = RunDir(run_path)
-    stored = run.read_config()["settings"]
-    run.refuse_if_written()
-    state = run.status().get("state")
-    if state == "finished":
-        raise SharpError(f"--resume {run_path}: the run already finished; nothing to continue")
-    if not run.last_checkpoint.exists():
-        hint = (
-            f"fall back to {run.previous_checkpoint} (move it to last.pt)"
-            if run.previous_checkpoint.exists()
-            else "start it again with --overwrite"
-        )
-        raise SharpError(f"--resume {run_path}: no checkpoints/last.pt to continue from; {hint}")
-    for name, value in given.items():
-        if value is not None and stored.get(name) != value:
-            raise SharpError(
-                f"{option_name(name)} {value} conflicts with the run's {name} = {stored.get(name)!r}: "
-                "a resumed run keeps its settings, so drop the option"
-            )
-    return make_config(stored, {})
-
-
 @cli.command()
 @settings_options(TrainConfig)
 @click.option(
@@ -111,7 +80,7 @@ def _resume_config(run_path: Path, given: dict[str, Any]) -> TrainConfig:
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False),
-    help="continue the run in this directory from checkpoints/last.pt",
+    help="continue the run in this directory from checkpoints/last.pt (from step 0 if it has none)",
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option(
@@ -127,25 +96,28 @@ def train(
     **settings: Any,
 ) -> int | None:
     """Train one model into a run directory."""
-    from sharp.distributed import Distributed
+    from sharp.distributed import Distributed, launch_torchrun
+    from sharp.runs import default_run_dir, plan_resume
     from sharp.train import train as run_training
 
+    resume = False
     if resume_dir:
         if config_file or out or overwrite:
             raise SharpError("--resume takes the run's own settings: drop --config, --out and --overwrite")
-        cfg = _resume_config(Path(resume_dir), settings)
-        out_path = Path(resume_dir)
+        plan = plan_resume(resume_dir, settings)
+        cfg, out_path = plan.config, Path(resume_dir)
+        resume, overwrite = plan.from_checkpoint, not plan.from_checkpoint  # no checkpoint: from step 0
     else:
         cfg = make_config(read_config_file(config_file) if config_file else {}, settings)
-        out_path = Path(out) if out else default_out(cfg)
+        out_path = Path(out) if out else default_run_dir(cfg)
     if nproc is not None:
         _check_positive(nproc=nproc)
         if nproc > 1:
-            return _launch_torchrun(nproc, cfg, out_path, overwrite, bool(resume_dir), quiet)
+            return launch_torchrun(
+                nproc, cfg.to_dict(), out_path, overwrite=overwrite, resume=resume, quiet=quiet
+            )
     try:
-        last = run_training(
-            cfg, out_path, overwrite=overwrite, resume=bool(resume_dir), progress_bar=not quiet
-        )
+        last = run_training(cfg, out_path, overwrite=overwrite, resume=resume, progress_bar=not quiet)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted; checkpoint saved: continue with `sharp train --resume {out_path}`"
@@ -318,37 +290,21 @@ def launcher_options(func: Callable) -> Callable:
 @launcher_options
 def sweep_run(spec: str, out: str, launcher: Any) -> int:
     """Train (and probe) every run of SPEC not finished yet; a re-run resumes unfinished runs."""
-    from sharp.sweep import SweepSpec, run_sweep
+    from sharp.sweep import SweepSpec, run_sweep, summary
 
-    states = run_sweep(SweepSpec.from_toml(spec), out, launcher, echo=click.echo)
-    order = ("finished", "diverged", "failed")
-    counts = {s: n for s in order if (n := list(states.values()).count(s))}
-    click.echo(f"sweep {out}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 1 if "failed" in counts else 0
+    line, code = summary(run_sweep(SweepSpec.from_toml(spec), out, launcher, echo=click.echo))
+    click.echo(f"sweep {out}: {line}")
+    return code
 
 
 @sweep.command("status")
 @click.argument("directory", type=click.Path(file_okay=False))
 def sweep_status(directory: str) -> None:
     """A table of the sweep's runs: varying settings, state, test accuracy, probes done."""
-    from sharp.sweep import collect
+    from sharp.sweep import collect, status_table
 
-    rows = collect(directory)
-    keys = [k for k in rows[0] if k not in ("run", "state", "probes", "reason")] if rows else []
-    varying = [
-        k
-        for k in keys
-        if "." not in k
-        and k not in ("step", "epoch", "test_loss", "eval_train_acc", "eval_train_loss", "test_acc")
-    ]
-    header = ["run", *varying, "state", "test_acc", "probes"]
-    table = [header] + [
-        [str(row.get(k, "")) if k != "test_acc" or row.get(k) is None else f"{row[k]:.4f}" for k in header]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    for line in status_table(collect(directory)):
+        click.echo(line)
 
 
 @sweep.command("collect")
@@ -363,38 +319,6 @@ def sweep_collect(directory: str, csv_path: str) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     write_csv(csv_path, columns, [[row.get(k, "") for k in columns] for row in rows])
     click.echo(f"wrote {csv_path}: {len(rows)} runs, {len(columns)} columns")
-
-
-def _launch_torchrun(
-    nproc: int, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool
-) -> int:
-    """`sharp train --nproc N` = `torchrun --standalone --nproc_per_node N -m sharp train ...`."""
-    import json
-    import os
-    import subprocess
-    import tempfile
-
-    if "WORLD_SIZE" in os.environ:
-        raise SharpError("--nproc is for launching; under torchrun already, drop it")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "sharp",
-        "train",
-    ]
-    with tempfile.TemporaryDirectory() as folder:
-        if resume:
-            command += ["--resume", str(out)]
-        else:
-            settings = Path(folder) / "settings.json"
-            settings.write_text(json.dumps({"settings": cfg.to_dict()}))
-            command += ["--config", str(settings), "--out", str(out)] + (["--overwrite"] if overwrite else [])
-        command += ["--quiet"] if quiet else []
-        return subprocess.call(command)
 
 
 @cli.command()
