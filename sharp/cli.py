@@ -11,7 +11,17 @@ from typing import Any
 
 import click
 
-from sharp.config import ProbeConfig, TrainConfig, make_config, option_name, read_config_file
+from sharp.config import (
+    ProbeConfig,
+    TrainConfig,
+    check_choice,
+    check_positive,
+    field_types,
+    make_config,
+    option_name,
+    read_config_file,
+    resolve_settings,
+)
 from sharp.errors import Interrupted, SharpError
 
 
@@ -36,23 +46,27 @@ class SharpGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def settings_options(cls: type) -> Callable[[Callable], Callable]:
-    """One click option per field of a settings dataclass, all defaulting to None ("not given")."""
-    types = {"int": int, "float": float, "str": str}
+def settings_options(cls: type, names: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+    """One click option per field of a settings dataclass (or per field in `names`), all
+    defaulting to None ("not given"): `make_config` fills a whole config from them, and
+    `resolve_settings(cls, **values)` a command's few."""
+    types = field_types(cls)
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
-            annotation = str(f.type).split(" ")[0]
+            if names is not None and f.name not in names:
+                continue
+            kind = types[f.name][0]
             help_text = f.metadata["help"]
             if f.metadata.get("choices"):
                 help_text += f" [{'|'.join(f.metadata['choices'])}]"
-            if f.default is not None and (annotation != "bool" or f.default):
+            if f.default is not None and (kind is not bool or f.default):
                 help_text += f" (default: {f.default})"
             flag = option_name(f.name)
-            if annotation == "bool":
+            if kind is bool:
                 func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
             else:
-                func = click.option(flag, f.name, type=types[annotation], default=None, help=help_text)(func)
+                func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
         return func
 
     return decorate
@@ -111,7 +125,7 @@ def train(
         cfg = make_config(read_config_file(config_file) if config_file else {}, settings)
         out_path = Path(out) if out else default_run_dir(cfg)
     if nproc is not None:
-        _check_positive(nproc=nproc)
+        check_positive(nproc=nproc)
         if nproc > 1:
             return launch_torchrun(
                 nproc, cfg.to_dict(), out_path, overwrite=overwrite, resume=resume, quiet=quiet
@@ -134,16 +148,7 @@ def main() -> None:
     cli.main(prog_name="sharp")
 
 
-def _check_positive(**values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and not value > 0:
-            raise SharpError(f"--{name.replace('_', '-')} {value} must be positive")
-
-
-def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise SharpError(f"{option} {value!r} is unknown: choose one of {', '.join(choices)}")
-    return value
+_check_positive, _choice = check_positive, check_choice  # the names `interp` calls them by
 
 
 @cli.command()
@@ -330,7 +335,7 @@ def sweep_collect(directory: str, csv_path: str) -> None:
 @click.option("--dataset", default=None, help="override the spec's dataset, e.g. folder:/data/cifar10-jpeg")
 @click.option("--data-root", default=None, help="where cifar10/cifar100 live")
 @click.option("--download", is_flag=True, default=None, help="download cifar10/cifar100 if missing")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@settings_options(TrainConfig, names=("device",))
 @launcher_options
 def repro(
     name: str,
@@ -339,13 +344,13 @@ def repro(
     dataset: str | None,
     data_root: str | None,
     download: bool | None,
-    device: str,
+    device: str | None,
     launcher: Any,
 ) -> None:
     """Reproduce a paper result from paper_repro/NAME.toml: runs, probes, figures, report."""
     from sharp.repro import ReproSpec, run_repro
 
-    _choice(device, "--device", ("auto", "cpu", "cuda"))
+    device = resolve_settings(TrainConfig, device=device)["device"]
     overrides = {
         k: v
         for k, v in (("dataset", dataset), ("data_root", data_root), ("download", download))
@@ -427,7 +432,7 @@ def report(
     from analysis.results import load_runs
 
     if scale is not None:
-        _choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", ("cpu", "full"))
     try:
         check_figure_names(figures)
     except SharpError as exc:

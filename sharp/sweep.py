@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, TrainConfig, make_config, tomllib
+from sharp.config import ProbeConfig, TrainConfig, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
 
@@ -56,14 +56,7 @@ class SweepSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepSpec:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise SharpError(f"sweep spec {path}: cannot read it ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SharpError(f"sweep spec {path} is not valid TOML: {exc}") from None
-        return cls.from_dict(data, default_name=path.stem)
+        return cls.from_dict(read_table(path, "sweep spec"), default_name=Path(path).stem)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], default_name: str = "sweep") -> SweepSpec:

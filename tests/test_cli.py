@@ -414,3 +414,49 @@ def test_test_subset_is_balanced_and_recorded(tmp_path):
     assert "--test-subset 0 must be positive" in _one_line_error(
         invoke("train", "--dataset", "digits", "--test-subset", "0", "--out", tmp_path / "u")
     )
+
+
+def test_field_types_are_read_from_the_annotations():
+    from sharp.config import ProbeConfig, TrainConfig, field_types
+
+    types = field_types(TrainConfig)
+    assert types["micro_batch"] == (int, True) and types["batch_size"] == (int, False)
+    assert types["momentum"] == (float, False) and types["lr"] == (float, True)
+    assert types["augment"] == (bool, True) and types["dataset"] == (str, False)
+    assert field_types(ProbeConfig)["subspace"] == (int, True)
+    for cls in (TrainConfig, ProbeConfig):  # every default is of its field's type
+        for name, (kind, optional) in field_types(cls).items():
+            default = cls.__dataclass_fields__[name].default
+            assert (default is None and optional) or type(default) is kind, name
+
+
+def test_a_few_settings_of_a_class_get_its_defaults_and_checks():
+    from sharp.config import ProbeConfig, TrainConfig, resolve_settings
+    from sharp.errors import SharpError
+
+    assert resolve_settings(ProbeConfig, device=None, precision="fp64", seed=None) == {
+        "device": "auto",
+        "precision": "fp64",
+        "seed": 0,
+    }
+    with pytest.raises(SharpError, match="--precision 'bf16' is unknown: choose one of fp32, fp64"):
+        resolve_settings(ProbeConfig, precision="bf16")
+    with pytest.raises(SharpError, match="setting seed = 'x' must be int"):
+        resolve_settings(TrainConfig, seed="x")
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "fragment"),
+    [
+        ("train --config", "batch_size = [", "--config {} is not valid TOML"),
+        ("sweep", "[base\n", "sweep spec {} is not valid TOML"),
+        ("repro", "name = \n", "reproduction spec {} is not valid TOML"),
+    ],
+)
+def test_a_bad_toml_file_is_one_line_naming_it(tmp_path, command, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = ["--out", tmp_path / "o"]
+    assert fragment.format(path) in _one_line_error(invoke(*command.split(), path, *out))
+    if command != "repro":  # repro takes a missing path for a spec name
+        assert "cannot read it" in _one_line_error(invoke(*command.split(), tmp_path / "missing.toml", *out))

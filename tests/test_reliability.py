@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sharp.cli import cli
-from sharp.config import FIELDS, TrainConfig, make_config
+from sharp.config import FIELDS, TrainConfig, field_types, make_config
 from sharp.errors import SharpError
 from sharp.runs import RunDir, read_jsonl
 
@@ -294,7 +294,7 @@ _VALUES = {
 
 
 def _strategy(name):
-    kind = str(FIELDS[name].type).split(" ")[0]
+    kind = field_types(TrainConfig)[name][0].__name__
     choices = FIELDS[name].metadata.get("choices")
     base = _VALUES[kind]
     return st.one_of(base, st.sampled_from(choices)) if choices else base
