@@ -95,6 +95,7 @@ def test_config_file_supplies_settings_and_the_command_line_overrides(tmp_path):
     result = invoke("train", "--config", config, "--batch-size", "32", "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 0, result.output
     settings = json.loads((tmp_path / "r" / "config.json").read_text())["settings"]
+    # settings are recorded as given, so even the float lr comes back exactly
     assert settings["batch_size"] == 32 and settings["lr"] == 0.05 and settings["steps"] == 3
     assert settings["milestones"] == "0.5,0.9"
     # a run's own config.json reproduces it
