@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from sharp.cli import cli
 from sharp.runs import RunDir, read_jsonl
 
+MLP_ON_DIGITS = ["train", "--dataset", "digits", "--model", "mlp"]
+
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
@@ -69,20 +71,7 @@ def test_train_on_synthetic_writes_a_complete_run(tmp_path):
 
 
 def test_train_on_digits_learns(tmp_path):
-    result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "4",
-        "--batch-size",
-        "32",
-        "--out",
-        tmp_path / "d",
-        "--quiet",
-    )
+    result = invoke(*MLP_ON_DIGITS, "--epochs", "4", "--batch-size", "32", "--out", tmp_path / "d", "--quiet")
     assert result.exit_code == 0, result.output
     assert RunDir(tmp_path / "d").status()["test_acc"] > 0.8
 
@@ -182,35 +171,12 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
-    result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "1",
-        "--out",
-        tmp_path / "bad",
-        "--quiet",
-        *args,
-    )
+    result = invoke(*MLP_ON_DIGITS, "--steps", "1", "--out", tmp_path / "bad", "--quiet", *args)
     assert fragment in _one_line_error(result)
 
 
 def test_finished_run_is_not_overwritten_without_overwrite(tmp_path):
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "2",
-        "--out",
-        tmp_path / "r",
-        "--quiet",
-    ]
+    args = [*MLP_ON_DIGITS, "--steps", "2", "--out", tmp_path / "r", "--quiet"]
     assert invoke(*args).exit_code == 0
     before = (tmp_path / "r" / "final.pt").read_bytes()
     line = _one_line_error(invoke(*args, "--lr", "0.5"))
@@ -237,20 +203,7 @@ def test_unknown_config_key(tmp_path):
 
 def test_divergence_is_recorded_with_its_own_exit_code(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--norm",
-        "none",
-        "--lr",
-        "1e6",
-        "--steps",
-        "50",
-        "--out",
-        tmp_path / "div",
-        "--quiet",
+        *MLP_ON_DIGITS, "--norm", "none", "--lr", "1e6", "--steps", "50", "--out", tmp_path / "div", "--quiet"
     )
     line = _one_line_error(result, code=3)
     assert "diverged" in line
@@ -327,18 +280,7 @@ def test_python_dash_m_and_help():
 
 def test_batch_schedule_and_early_stop(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "6",
-        "--batch-schedule",
-        "0:32,2:128",
-        "--out",
-        tmp_path / "bs",
-        "--quiet",
+        *MLP_ON_DIGITS, "--epochs", "6", "--batch-schedule", "0:32,2:128", "--out", tmp_path / "bs", "--quiet"
     )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(tmp_path / "bs" / "metrics.jsonl")
@@ -347,18 +289,7 @@ def test_batch_schedule_and_early_stop(tmp_path):
     assert steps[2] - steps[1] == 45 and steps[4] - steps[3] == 12  # ceil(1437/32), ceil(1437/128)
 
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "50",
-        "--until-train-loss",
-        "0.5",
-        "--out",
-        tmp_path / "stop",
-        "--quiet",
+        *MLP_ON_DIGITS, "--epochs", "50", "--until-train-loss", "0.5", "--out", tmp_path / "stop", "--quiet"
     )
     assert result.exit_code == 0, result.output
     status = RunDir(tmp_path / "stop").status()
@@ -397,18 +328,7 @@ def test_compile_on_cpu_if_the_compiler_works(tmp_path):
 
 def test_test_subset_is_balanced_and_recorded(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "2",
-        "--test-subset",
-        "100",
-        "--out",
-        tmp_path / "t",
-        "--quiet",
+        *MLP_ON_DIGITS, "--steps", "2", "--test-subset", "100", "--out", tmp_path / "t", "--quiet"
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "t" / "config.json").read_text())["derived"]["n_test"] == 100

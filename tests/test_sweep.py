@@ -261,3 +261,15 @@ def test_a_sweep_whose_worker_is_killed_finishes_bit_identical_when_run_again(tm
         a = torch.load(tmp_path / "clean" / "runs" / name / "final.pt", weights_only=True)
         b = torch.load(cut / "runs" / name / "final.pt", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_run_another_process_writes_is_left_alone_as_busy(tmp_path):
+    from sharp.config import TrainConfig
+    from sharp.sweep import execute_run
+
+    run = RunDir(tmp_path / "r")
+    settings = TrainConfig(dataset="digits", model="mlp", steps=1).to_dict()
+    with run.lock():  # the other writer (a second open file: refused like another process)
+        assert execute_run(str(run.path), settings) == "busy"
+        assert not run.status_file.exists() and not run.config.exists()  # nothing written
+    assert execute_run(str(run.path), settings) == "finished"
