@@ -34,7 +34,7 @@ from typing import Any
 from sharp.config import ProbeConfig, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
-from sharp.sweep import Launcher, RunSpec, SweepSpec
+from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
 SCALES = ("cpu", "full")
@@ -244,7 +244,7 @@ def run_repro(
     )
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    counts = {s: states.count(s) for s in ("finished", "diverged", "failed") if states.count(s)}
+    counts = {s: states.count(s) for s in FINAL_STATES if states.count(s)}
     record = {**spec.describe(), "timings": timings, "history": history, "state": "finished", "runs": counts}
     atomic_write_json(manifest, {**record, "device": device, "devices": devices_used(out)})
     return report
