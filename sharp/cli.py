@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,17 @@ from typing import Any
 
 import click
 
-from sharp.config import ProbeConfig, TrainConfig, make_config, option_name, read_config_file
+from sharp.config import (
+    ProbeConfig,
+    TrainConfig,
+    check_choice,
+    check_positive,
+    field_types,
+    make_config,
+    option_name,
+    read_config_file,
+    resolve_settings,
+)
 from sharp.errors import Interrupted, SharpError
 
 
@@ -37,23 +46,27 @@ class SharpGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def settings_options(cls: type) -> Callable[[Callable], Callable]:
-    """One click option per field of a settings dataclass, all defaulting to None ("not given")."""
-    types = {"int": int, "float": float, "str": str}
+def settings_options(cls: type, names: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+    """One click option per field of a settings dataclass (or per field in `names`), all
+    defaulting to None ("not given"): `make_config` fills a whole config from them, and
+    `resolve_settings(cls, **values)` a command's few."""
+    types = field_types(cls)
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
-            annotation = str(f.type).split(" ")[0]
+            if names is not None and f.name not in names:
+                continue
+            kind = types[f.name][0]
             help_text = f.metadata["help"]
             if f.metadata.get("choices"):
                 help_text += f" [{'|'.join(f.metadata['choices'])}]"
-            if f.default is not None and (annotation != "bool" or f.default):
+            if f.default is not None and (kind is not bool or f.default):
                 help_text += f" (default: {f.default})"
             flag = option_name(f.name)
-            if annotation == "bool":
+            if kind is bool:
                 func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
             else:
-                func = click.option(flag, f.name, type=types[annotation], default=None, help=help_text)(func)
+                func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
         return func
 
     return decorate
@@ -65,36 +78,6 @@ def settings_options(cls: type) -> Callable[[Callable], Callable]:
 @click.version_option(package_name="sharp", prog_name="sharp")
 def cli() -> None:
     """Train small- and large-batch models and measure how sharp their minima are."""
-
-
-def default_out(cfg: TrainConfig) -> Path:
-    dataset = re.sub(r"[^A-Za-z0-9]+", "-", Path(cfg.dataset.replace("folder:", "")).name or cfg.dataset)
-    return Path("runs") / f"{dataset}-{cfg.model}-B{cfg.batch_size}-seed{cfg.seed}"
-
-
-def _resume_config(run_path: Path, given: dict[str, Any]) -> TrainConfig:
-    from sharp.runs import RunDir
-
-    run = RunDir(run_path)
-    stored = run.read_config()["settings"]
-    run.refuse_if_written()
-    state = run.status().get("state")
-    if state == "finished":
-        raise SharpError(f"--resume {run_path}: the run already finished; nothing to continue")
-    if not run.last_checkpoint.exists():
-        hint = (
-            f"fall back to {run.previous_checkpoint} (move it to last.pt)"
-            if run.previous_checkpoint.exists()
-            else "start it again with --overwrite"
-        )
-        raise SharpError(f"--resume {run_path}: no checkpoints/last.pt to continue from; {hint}")
-    for name, value in given.items():
-        if value is not None and stored.get(name) != value:
-            raise SharpError(
-                f"{option_name(name)} {value} conflicts with the run's {name} = {stored.get(name)!r}: "
-                "a resumed run keeps its settings, so drop the option"
-            )
-    return make_config(stored, {})
 
 
 @cli.command()
@@ -111,7 +94,7 @@ def _resume_config(run_path: Path, given: dict[str, Any]) -> TrainConfig:
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False),
-    help="continue the run in this directory from checkpoints/last.pt",
+    help="continue the run in this directory from checkpoints/last.pt (from step 0 if it has none)",
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option(
@@ -127,25 +110,28 @@ def train(
     **settings: Any,
 ) -> int | None:
     """Train one model into a run directory."""
-    from sharp.distributed import Distributed
+    from sharp.distributed import Distributed, launch_torchrun
+    from sharp.runs import default_run_dir, plan_resume
     from sharp.train import train as run_training
 
+    resume = False
     if resume_dir:
         if config_file or out or overwrite:
             raise SharpError("--resume takes the run's own settings: drop --config, --out and --overwrite")
-        cfg = _resume_config(Path(resume_dir), settings)
-        out_path = Path(resume_dir)
+        plan = plan_resume(resume_dir, settings)
+        cfg, out_path = plan.config, Path(resume_dir)
+        resume, overwrite = plan.from_checkpoint, not plan.from_checkpoint  # no checkpoint: from step 0
     else:
         cfg = make_config(read_config_file(config_file) if config_file else {}, settings)
-        out_path = Path(out) if out else default_out(cfg)
+        out_path = Path(out) if out else default_run_dir(cfg)
     if nproc is not None:
-        _check_positive(nproc=nproc)
+        check_positive(nproc=nproc)
         if nproc > 1:
-            return _launch_torchrun(nproc, cfg, out_path, overwrite, bool(resume_dir), quiet)
+            return launch_torchrun(
+                nproc, cfg.to_dict(), out_path, overwrite=overwrite, resume=resume, quiet=quiet
+            )
     try:
-        last = run_training(
-            cfg, out_path, overwrite=overwrite, resume=bool(resume_dir), progress_bar=not quiet
-        )
+        last = run_training(cfg, out_path, overwrite=overwrite, resume=resume, progress_bar=not quiet)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted; checkpoint saved: continue with `sharp train --resume {out_path}`"
@@ -162,16 +148,7 @@ def main() -> None:
     cli.main(prog_name="sharp")
 
 
-def _check_positive(**values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and not value > 0:
-            raise SharpError(f"--{name.replace('_', '-')} {value} must be positive")
-
-
-def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise SharpError(f"{option} {value!r} is unknown: choose one of {', '.join(choices)}")
-    return value
+_check_positive, _choice = check_positive, check_choice  # the names `interp` calls them by
 
 
 @cli.command()
@@ -318,37 +295,21 @@ def launcher_options(func: Callable) -> Callable:
 @launcher_options
 def sweep_run(spec: str, out: str, launcher: Any) -> int:
     """Train (and probe) every run of SPEC not finished yet; a re-run resumes unfinished runs."""
-    from sharp.sweep import SweepSpec, run_sweep
+    from sharp.sweep import SweepSpec, run_sweep, summary
 
-    states = run_sweep(SweepSpec.from_toml(spec), out, launcher, echo=click.echo)
-    order = ("finished", "diverged", "failed")
-    counts = {s: n for s in order if (n := list(states.values()).count(s))}
-    click.echo(f"sweep {out}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 1 if "failed" in counts else 0
+    line, code = summary(run_sweep(SweepSpec.from_toml(spec), out, launcher, echo=click.echo))
+    click.echo(f"sweep {out}: {line}")
+    return code
 
 
 @sweep.command("status")
 @click.argument("directory", type=click.Path(file_okay=False))
 def sweep_status(directory: str) -> None:
     """A table of the sweep's runs: varying settings, state, test accuracy, probes done."""
-    from sharp.sweep import collect
+    from sharp.sweep import collect, status_table
 
-    rows = collect(directory)
-    keys = [k for k in rows[0] if k not in ("run", "state", "probes", "reason")] if rows else []
-    varying = [
-        k
-        for k in keys
-        if "." not in k
-        and k not in ("step", "epoch", "test_loss", "eval_train_acc", "eval_train_loss", "test_acc")
-    ]
-    header = ["run", *varying, "state", "test_acc", "probes"]
-    table = [header] + [
-        [str(row.get(k, "")) if k != "test_acc" or row.get(k) is None else f"{row[k]:.4f}" for k in header]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    for line in status_table(collect(directory)):
+        click.echo(line)
 
 
 @sweep.command("collect")
@@ -365,38 +326,6 @@ def sweep_collect(directory: str, csv_path: str) -> None:
     click.echo(f"wrote {csv_path}: {len(rows)} runs, {len(columns)} columns")
 
 
-def _launch_torchrun(
-    nproc: int, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool
-) -> int:
-    """`sharp train --nproc N` = `torchrun --standalone --nproc_per_node N -m sharp train ...`."""
-    import json
-    import os
-    import subprocess
-    import tempfile
-
-    if "WORLD_SIZE" in os.environ:
-        raise SharpError("--nproc is for launching; under torchrun already, drop it")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "sharp",
-        "train",
-    ]
-    with tempfile.TemporaryDirectory() as folder:
-        if resume:
-            command += ["--resume", str(out)]
-        else:
-            settings = Path(folder) / "settings.json"
-            settings.write_text(json.dumps({"settings": cfg.to_dict()}))
-            command += ["--config", str(settings), "--out", str(out)] + (["--overwrite"] if overwrite else [])
-        command += ["--quiet"] if quiet else []
-        return subprocess.call(command)
-
-
 @cli.command()
 @click.argument("name")
 @click.option(
@@ -406,7 +335,7 @@ def _launch_torchrun(
 @click.option("--dataset", default=None, help="override the spec's dataset, e.g. folder:/data/cifar10-jpeg")
 @click.option("--data-root", default=None, help="where cifar10/cifar100 live")
 @click.option("--download", is_flag=True, default=None, help="download cifar10/cifar100 if missing")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@settings_options(TrainConfig, names=("device",))
 @launcher_options
 def repro(
     name: str,
@@ -415,13 +344,13 @@ def repro(
     dataset: str | None,
     data_root: str | None,
     download: bool | None,
-    device: str,
+    device: str | None,
     launcher: Any,
 ) -> None:
     """Reproduce a paper result from paper_repro/NAME.toml: runs, probes, figures, report."""
     from sharp.repro import ReproSpec, run_repro
 
-    _choice(device, "--device", ("auto", "cpu", "cuda"))
+    device = resolve_settings(TrainConfig, device=device)["device"]
     overrides = {
         k: v
         for k, v in (("dataset", dataset), ("data_root", data_root), ("download", download))
@@ -503,7 +432,7 @@ def report(
     from analysis.results import load_runs
 
     if scale is not None:
-        _choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", ("cpu", "full"))
     try:
         check_figure_names(figures)
     except SharpError as exc:

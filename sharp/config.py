@@ -7,9 +7,12 @@ generated from the field metadata below, so a setting cannot exist in one place 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -189,11 +192,19 @@ def parse_batch_schedule(text: str) -> list[tuple[int, int]]:
     return [(e, b) for e, b in pairs]
 
 
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
+def check_positive(**values: float | None) -> None:
+    """The one positive-number check: each value (None: not given) must be > 0; the keyword is
+    the setting's name, spelled as its option in the message (`train_set` -> `--train-set`)."""
+    for name, value in values.items():
         if value is not None and not value > 0:
             raise SharpError(f"{option_name(name)} {value} must be positive")
+
+
+def check_choice(value: Any, option: str, choices: Sequence[str]) -> Any:
+    """The one one-of-choices check; `option` names the value as the user gave it (`--bn`)."""
+    if value not in choices:
+        raise SharpError(f"{option} {value!r} is unknown: choose one of {', '.join(choices)}")
+    return value
 
 
 def _non_negative(cfg: TrainConfig, *names: str) -> None:
@@ -224,8 +235,7 @@ def validate(cfg: TrainConfig) -> None:
         size = dataset.split(":", 1)[1]
         if not size.isdigit() or int(size) < 2:
             raise SharpError(f"--dataset {dataset!r}: write synthetic:N with N >= 2 training images")
-    _positive(
-        cfg,
+    positive = (
         "batch_size",
         "micro_batch",
         "bn_batch",
@@ -245,6 +255,7 @@ def validate(cfg: TrainConfig) -> None:
         "until_plateau",
         "eval_batch",
     )
+    check_positive(**{name: getattr(cfg, name) for name in positive})
     _non_negative(cfg, "momentum", "weight_decay", "plateau_tol", "sam_rho")
     _check_sam(cfg)
     if not 0 <= cfg.warmup < 1:
@@ -309,7 +320,7 @@ def _check_sam(cfg: TrainConfig) -> None:
                     f"{option_name(name)} modifies SAM: give --sam-rho too (e.g. --sam-rho 0.05)"
                 )
         return
-    _positive(cfg, "sam_m")
+    check_positive(sam_m=cfg.sam_m)
     if cfg.sam_m is None:
         return
     if cfg.noise_scale:
@@ -370,8 +381,7 @@ class ProbeConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        _positive(
-            self,
+        positive = (
             "probe_set",
             "probe_batch",
             "top_k",
@@ -384,6 +394,7 @@ class ProbeConfig:
             "density_iter",
             "density_runs",
         )
+        check_positive(**{name: getattr(self, name) for name in positive})
         if self.trace_samples < 2:
             raise SharpError(
                 f"--trace-samples {self.trace_samples}: a standard error needs at least 2 samples"
@@ -444,23 +455,29 @@ def peak_lr(cfg: TrainConfig) -> float:
     return cfg.base_lr
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML file, or from a run's config.json (its `settings` table)."""
+def read_table(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file (JSON by its suffix) as a table; `what` names it in the one-line errors
+    (`--config`, `sweep spec`)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SharpError(f"--config {path}: cannot read it ({exc.strerror})") from None
+        raise SharpError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    is_json = path.suffix == ".json"
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-            data = data.get("settings", data)
-        else:
-            data = tomllib.loads(text)
+        data = json.loads(text) if is_json else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise SharpError(f"--config {path} is not valid {path.suffix[1:] or 'TOML'}: {exc}") from None
+        raise SharpError(f"{what} {path} is not valid {'JSON' if is_json else 'TOML'}: {exc}") from None
     if not isinstance(data, dict):
-        raise SharpError(f"--config {path} must hold a table of settings")
+        raise SharpError(f"{what} {path} must hold a table of settings")
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file, or from a run's config.json (its `settings` table)."""
+    data = read_table(path, "--config")
+    if Path(path).suffix == ".json" and isinstance(data.get("settings"), dict):
+        return data["settings"]
     return data
 
 
@@ -479,9 +496,9 @@ def make_config(file_settings: dict[str, Any], overrides: dict[str, Any], cls: t
             f"`sharp {cls.command}` with underscores"
         )
     for name, value in merged.items():
-        if isinstance(value, list) and str(fields[name].type).startswith("str"):
+        if isinstance(value, list) and field_types(cls)[name][0] is str:
             merged[name] = ",".join(str(v) for v in value)  # TOML lists for comma-separated options
-    cfg = cls(**{k: _coerce(fields[k], v) for k, v in merged.items()})
+    cfg = cls(**{k: _coerce(cls, k, v) for k, v in merged.items()})
     _check_choices(cfg)
     cfg.validate()
     return cfg
@@ -489,27 +506,53 @@ def make_config(file_settings: dict[str, Any], overrides: dict[str, Any], cls: t
 
 def _check_choices(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        if choices and value not in choices:
-            raise SharpError(
-                f"{option_name(f.name)} {value!r} is unknown: choose one of {', '.join(choices)}"
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SharpError(f"{option_name(f.name)} must be a finite number, not {value}")
+        _check_value(f, getattr(cfg, f.name))
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    if f.metadata.get("choices"):
+        check_choice(value, option_name(f.name), f.metadata["choices"])
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SharpError(f"{option_name(f.name)} must be a finite number, not {value}")
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
+def resolve_settings(cls: type, **given: Any) -> dict[str, Any]:
+    """Some of a settings class's fields, for a command that takes only those (declared with
+    `cli.settings_options(cls, names)`): the default for each not given (None), and each
+    checked as `make_config` checks a whole config."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    resolved = {}
+    for name, value in given.items():
+        value = fields[name].default if value is None else _coerce(cls, name, value)
+        _check_value(fields[name], value)
+        resolved[name] = value
+    return resolved
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{setting: (its type, whether it may be None)}, from the dataclass's annotations.
+
+    `typing.get_type_hints` reads them, rather than a dataclass-driven CLI library (tyro,
+    simple-parsing): those build argparse parsers where sharp's commands are click, and the
+    few lines here are all that the generated options and the config-file checks need.
+    """
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name])  # (int, NoneType) for `int | None`
+        kinds = [a for a in args if a is not type(None)] or [hints[f.name]]
+        types[f.name] = (kinds[0], type(None) in args)
+    return types
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
     """Check a config-file value against the field's type (ints are accepted as floats)."""
-    annotation = str(f.type)
-    base = _TYPES[annotation.split(" ")[0]]
-    if value is None and "None" in annotation:
+    kind, optional = field_types(cls)[name]
+    if value is None and optional:
         return None
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise SharpError(f"setting {f.name} = {value!r} must be {annotation.replace(' | None', '')}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SharpError(f"setting {name} = {value!r} must be {kind.__name__}")
     return value

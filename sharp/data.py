@@ -7,6 +7,7 @@ workers). Each epoch has one seeded permutation that does not depend on the batc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from sharp.errors import SharpError
+from sharp.locks import ExclusiveLock, LocksUnsupported
 from sharp.progress import progress_bar
 
 SYNTHETIC_DEFAULT_SIZE = 2048
@@ -94,7 +96,8 @@ def load_cifar(name: str, root: str | Path, download: bool = False) -> Dataset:
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
-        train = cls(str(root), train=True, download=download)
+        with _download_lock(Path(root)) if download else contextlib.nullcontext():
+            train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
     except RuntimeError as exc:
         raise SharpError(
@@ -109,6 +112,25 @@ def load_cifar(name: str, root: str | Path, download: bool = False) -> Dataset:
         (test.data.transpose(0, 3, 1, 2), test.targets),
         train.classes,
     )
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """One download at a time into `root`: under torchrun every rank asks for the data at once;
+    the first takes the lock and downloads, the others wait for it and then find the files.
+    A read-only root needs no lock (nothing can be written there), and a filesystem without
+    locks gets none (one process downloads safely; several may download twice)."""
+    lock = ExclusiveLock(root / ".sharp-download.lock")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock.acquire(wait=True)
+    except (PermissionError, LocksUnsupported):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_digits() -> Dataset:

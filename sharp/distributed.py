@@ -116,3 +116,38 @@ class Distributed:
             value = value.cuda()
         dist.broadcast(value, src=0)
         return bool(value.item())
+
+
+def launch_torchrun(
+    nproc: int,
+    settings: dict[str, object],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    resume: bool,
+    quiet: bool,
+) -> int:
+    """`sharp train --nproc N`: run `torchrun --standalone --nproc_per_node N -m sharp train ...`
+    on this machine and return its exit code. A fresh run's `settings` (TrainConfig.to_dict())
+    reach every rank as a settings file; a resumed run is read from its own config.json."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from sharp.errors import SharpError
+
+    if "WORLD_SIZE" in os.environ:
+        raise SharpError("--nproc is for launching; under torchrun already, drop it")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "sharp", "train"]
+    with tempfile.TemporaryDirectory() as folder:
+        if resume:
+            command += ["--resume", str(out)]
+        else:
+            path = Path(folder) / "settings.json"
+            path.write_text(json.dumps({"settings": settings}))
+            command += ["--config", str(path), "--out", str(out)] + (["--overwrite"] if overwrite else [])
+        command += ["--quiet"] if quiet else []
+        return subprocess.call(command)

@@ -224,6 +224,7 @@ def run_probes(
                 **context,
                 "probe_split": "train",
                 "augment": False,
+                "device": runtime.describe_device(dev),
                 "sharp": __version__,
                 "torch": torch.__version__,
             }
@@ -295,6 +296,7 @@ def run_interpolation(
         "test_set": sum(len(t) for _, t in test_batches),
         "seed": seed,
         "precision": precision,
+        "device": runtime.describe_device(dev),
         "sharp": __version__,
         "torch": torch.__version__,
         "batch_size_a": first.settings["batch_size"],

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, make_config, tomllib
+from sharp.config import ProbeConfig, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
-from sharp.sweep import Launcher, RunSpec, SweepSpec
+from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
 SCALES = ("cpu", "full")
@@ -90,11 +90,7 @@ class ReproSpec:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.toml"))) or "none found"
             raise SharpError(f"no reproduction spec {name_or_path!r}: give a TOML path or one of {known}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise SharpError(f"{path} is not valid TOML: {exc}") from None
-        return cls.from_dict(data, scale, overrides)
+        return cls.from_dict(read_table(path, "reproduction spec"), scale, overrides)
 
     @classmethod
     def from_dict(
@@ -212,9 +208,11 @@ def run_repro(
 
     started = time.perf_counter()
     jobs = spec.jobs(out)
-    for job in jobs:
-        if device != "auto":
-            job[1]["device"] = device
+    if device != "auto":  # every stage: training, probes and (below) interpolations
+        jobs = [
+            (path, {**settings, "device": device}, [{**probe, "device": device} for probe in probes])
+            for path, settings, probes in jobs
+        ]
     echo(f"{spec.name} ({spec.scale}): {len(jobs)} runs")
     states = (launcher or Launcher()).run(jobs, echo)
     timings["runs"] = time.perf_counter() - started
@@ -246,12 +244,30 @@ def run_repro(
     )
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    counts = {s: states.count(s) for s in ("finished", "diverged", "failed") if states.count(s)}
-    atomic_write_json(
-        manifest,
-        {**spec.describe(), "timings": timings, "history": history, "state": "finished", "runs": counts},
-    )
+    counts = {s: states.count(s) for s in FINAL_STATES if states.count(s)}
+    record = {**spec.describe(), "timings": timings, "history": history, "state": "finished", "runs": counts}
+    atomic_write_json(manifest, {**record, "device": device, "devices": devices_used(out)})
     return report
+
+
+def devices_used(out: Path) -> dict[str, list[str]]:
+    """The devices each stage of a reproduction really ran on, as its results record them."""
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    runs = sorted((out / "runs").glob("*/config.json"))
+    probes = sorted((out / "runs").glob("*/probes/*.json"))
+    interpolations = sorted((out / "interpolations").glob("*/interp.json"))
+    found = {
+        "training": [read(p).get("environment", {}).get("device") for p in runs],
+        "probes": [read(p).get("provenance", {}).get("device") for p in probes],
+        "interpolations": [read(p).get("provenance", {}).get("device") for p in interpolations],
+    }
+    return {stage: sorted({d for d in devices if d}) for stage, devices in found.items()}
 
 
 def _what_runs(spec: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ RUN/checkpoints/last.pt everything needed to resume exactly
 RUN/checkpoints/epoch-NNNN.pt   with --checkpoint-every
 RUN/final.pt            the model's state_dict alone
 RUN/probes/*.json       probe results
+RUN/run.lock            while a process writes the run (its pid and host)
 ```
 """
 
@@ -18,21 +19,26 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sharp.config import TrainConfig, make_config, option_name
 from sharp.errors import SharpError
 from sharp.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from sharp.locks import ExclusiveLock
 
 __all__ = ["append_jsonl", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "read_jsonl"]
 
-RUN_FILES = ("config.json", "metrics.jsonl", "status.json", "final.pt", "run.lock")
+RUN_FILES = ("config.json", "metrics.jsonl", "status.json", "final.pt")
 RUN_DIRS = ("checkpoints", "probes")
 
 
@@ -87,11 +93,17 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+class RunLocked(SharpError):
+    """Another live process is writing the run."""
+
+
 class RunDir:
     """Paths and state of one run directory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._held: ExclusiveLock | None = None  # the writer lock, while this object holds it
+        self._in_block = False  # inside a `lock()` block
 
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
@@ -137,20 +149,25 @@ class RunDir:
         for name in RUN_DIRS:
             shutil.rmtree(self.path / name, ignore_errors=True)
 
-    def refuse_if_written(self) -> None:
-        """Refuse to touch a run another live process is writing."""
-        holder = self._lock_holder() if self.lock_file.exists() else None
-        if holder is not None:
-            raise SharpError(
-                f"{self.path} is being written by process {holder['pid']} on {holder['host']}; "
-                "wait for it, or stop it first"
-            )
-
     def prepare_new(self, overwrite: bool) -> None:
-        """Make the directory ready for a fresh run, refusing to lose a finished one."""
+        """Make the directory ready for a fresh run, refusing to lose a finished one.
+
+        Takes the writer lock first (kept by the `lock()` that follows), so that no other
+        process can come between these checks and the run that follows them.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise SharpError(f"--out {self.path} is a file; choose a directory")
-        self.refuse_if_written()
+        taken = self._held is None
+        if taken:
+            self._held = self._acquire_lock()
+        try:
+            self._check_and_clear(overwrite)
+        except BaseException:
+            if taken:
+                self._release_lock()
+            raise
+
+    def _check_and_clear(self, overwrite: bool) -> None:
         if self.is_run():
             state = self.status().get("state")
             if not overwrite:
@@ -164,48 +181,100 @@ class RunDir:
                     "to continue it or --overwrite to start again"
                 )
             self.clear()
-        elif self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise SharpError(
-                f"--out {self.path} is a non-empty directory that is not a sharp run; choose an empty "
-                "or new directory"
-            )
-        self.path.mkdir(parents=True, exist_ok=True)
+        elif self._foreign_entries():
+            if not overwrite:
+                raise SharpError(
+                    f"--out {self.path} is a non-empty directory that is not a sharp run; choose an empty "
+                    "or new directory"
+                )
+        else:
+            self.clear()  # at most what a run killed before its config.json left
         self.checkpoints.mkdir(exist_ok=True)
 
+    def _foreign_entries(self) -> list[str]:
+        """What the directory holds besides a run's own files (a run killed before its
+        config.json leaves some of those, and they may go)."""
+        own = {*RUN_FILES, *RUN_DIRS, self.lock_file.name}
+        return [entry.name for entry in self.path.iterdir() if entry.name not in own]
+
     @contextlib.contextmanager
-    def lock(self):
-        """Hold `run.lock` (pid and host) while writing; refuse a second live writer."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self.refuse_if_written()
-                with contextlib.suppress(FileNotFoundError):
-                    self.lock_file.unlink()  # stale: its holder is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            break
+    def lock(self) -> Iterator[None]:
+        """Hold `run.lock` while writing; refuse a second writer (`RunLocked`).
+
+        The lock is the operating system's (`sharp.locks`): the kernel drops it when this
+        process dies, so a killed writer's run is taken over at once. The file names the
+        holder's pid and host, for the refusal message. A lock `prepare_new` took on this
+        RunDir is kept rather than taken again.
+        """
+        if self._held is None or self._in_block:
+            self._held = self._acquire_lock()  # in a block already: a second writer, refused
+        self._in_block = True
         try:
             yield
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.lock_file.unlink()
+            self._in_block = False
+            self._release_lock()
 
-    def _lock_holder(self) -> dict[str, Any] | None:
-        """The live holder of the lock, or None when the lock is stale."""
+    def _acquire_lock(self) -> ExclusiveLock:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = ExclusiveLock(self.lock_file)
+        if not lock.acquire():
+            raise RunLocked(
+                f"{self.path} is being written by {self._holder()}; wait for it, or stop it first"
+            )
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        return lock
+
+    def _release_lock(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+    def _holder(self) -> str:
+        """Who holds the lock, as its file says (empty for the instant after it was taken)."""
         try:
             holder = json.loads(self.lock_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if holder.get("host") != socket.gethostname():
-            return holder  # cannot check a process on another machine: assume alive
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return holder
-        return holder
+            return f"process {holder['pid']} on {holder['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """`runs/DATASET-MODEL-BBATCH-seedSEED`, where `sharp train` puts a run without --out."""
+    dataset = re.sub(r"[^A-Za-z0-9]+", "-", Path(cfg.dataset.replace("folder:", "")).name or cfg.dataset)
+    return Path("runs") / f"{dataset}-{cfg.model}-B{cfg.batch_size}-seed{cfg.seed}"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a run continues: with its own settings, from its last checkpoint or from step 0."""
+
+    config: TrainConfig
+    from_checkpoint: bool  # False: it was stopped before its first checkpoint; nothing to lose
+
+
+def plan_resume(path: str | Path, given: dict[str, Any] | None = None) -> Resume:
+    """The resume policy of `sharp train --resume` and `sharp sweep`: a run continues with the
+    settings of its config.json (an option in `given` that differs from them is refused), from
+    checkpoints/last.pt, or from step 0 when it was stopped before writing one."""
+    run = RunDir(path)
+    if not run.is_run():
+        raise SharpError(
+            f"--resume {path}: no config.json, so the run's settings are unknown; start it again "
+            "with its options and --out"
+        )
+    stored = run.read_config()["settings"]
+    if run.status().get("state") == "finished":
+        raise SharpError(f"--resume {path}: the run already finished; nothing to continue")
+    if not run.last_checkpoint.exists() and run.previous_checkpoint.exists():
+        raise SharpError(
+            f"--resume {path}: no checkpoints/last.pt to continue from; fall back to "
+            f"{run.previous_checkpoint} (move it to last.pt)"
+        )
+    for name, value in (given or {}).items():
+        if value is not None and stored.get(name) != value:
+            raise SharpError(
+                f"{option_name(name)} {value} conflicts with the run's {name} = {stored.get(name)!r}: "
+                "a resumed run keeps its settings, so drop the option"
+            )
+    return Resume(make_config(stored, {}), run.last_checkpoint.exists())

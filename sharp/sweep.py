@@ -19,12 +19,13 @@ import os
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, TrainConfig, make_config, tomllib
+from sharp.config import ProbeConfig, TrainConfig, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
 
@@ -55,14 +56,7 @@ class SweepSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepSpec:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise SharpError(f"sweep spec {path}: cannot read it ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SharpError(f"sweep spec {path} is not valid TOML: {exc}") from None
-        return cls.from_dict(data, default_name=path.stem)
+        return cls.from_dict(read_table(path, "sweep spec"), default_name=Path(path).stem)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
@@ -125,9 +119,14 @@ def run_name(point: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 def execute_run(run_dir: str, settings: dict[str, Any], probes: list[dict[str, Any]] | None = None) -> str:
-    """Train (or resume) one run and run each probe table on it; return its final state. Never raises."""
+    """Train (or resume) one run and run each probe table on it; return its final state. Never raises.
+
+    A run is resumed by the resume policy of `sharp train --resume` (`runs.plan_resume`): from
+    its last checkpoint, or from step 0 if it was stopped before its first. A run another live
+    process is writing is left alone (`busy`).
+    """
     from sharp.errors import RunDiverged
-    from sharp.runs import RunDir
+    from sharp.runs import RunDir, RunLocked, plan_resume
     from sharp.train import train
 
     run = RunDir(run_dir)
@@ -136,7 +135,7 @@ def execute_run(run_dir: str, settings: dict[str, Any], probes: list[dict[str, A
         if state == "diverged":
             return "diverged"
         if state != "finished":
-            resume = run.is_run() and run.last_checkpoint.exists()
+            resume = run.is_run() and plan_resume(run_dir).from_checkpoint
             cfg = make_config(settings, {}, TrainConfig)
             train(cfg, run_dir, resume=resume, overwrite=not resume, progress_bar=False)
         if probes:
@@ -148,10 +147,12 @@ def execute_run(run_dir: str, settings: dict[str, Any], probes: list[dict[str, A
         return "finished"
     except RunDiverged:
         return "diverged"
+    except RunLocked:
+        return "busy"
+    except KeyboardInterrupt:  # stopped by a signal: the run recorded it (interrupted) with its checkpoint
+        raise
     except BaseException as exc:  # one failing run must not stop the sweep
         run.set_status("failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        if isinstance(exc, KeyboardInterrupt):
-            raise
         return "failed"
 
 
@@ -223,19 +224,49 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
             states.append(execute_run(*job))
             echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
         return states
-    threads = max(1, (os.cpu_count() or 1) // workers)  # oversubscribed CPU threads slow torch down many-fold
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=get_context("spawn"), initializer=_set_threads, initargs=(threads,)
-    ) as pool:
+    with worker_pool(workers) as pool:
         futures = [pool.submit(execute_run, *job) for job in jobs]
         states = []
         for index, (job, future) in enumerate(zip(jobs, futures, strict=True), 1):
-            states.append(future.result())
+            try:
+                states.append(future.result())
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the pool stops
+                states.append("lost")
             echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
         return states
 
 
-def _set_threads(threads: int) -> None:
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` fresh (spawned) processes for runs, each with its share of the CPU threads
+    and, on a machine with G GPUs, one GPU: worker i sees GPU i mod G only (CUDA_VISIBLE_DEVICES,
+    set in the worker before torch starts CUDA there)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)  # oversubscribed CPU threads slow torch down many-fold
+    gpus = visible_gpus()
+    context = get_context("spawn")
+    slots = context.Queue()  # one GPU per worker, taken by each worker as it starts
+    for index in range(workers):
+        slots.put(gpus[index % len(gpus)] if gpus else None)
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(threads, slots)
+    )
+
+
+def visible_gpus() -> list[str]:
+    """The ids of the GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def _start_worker(threads: int, slots: Any) -> None:
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
     torch.set_num_threads(threads)
@@ -317,3 +348,33 @@ def _probe_columns(path: Path) -> dict[str, Any]:
     if isinstance(record.get("eigenvalues"), list) and record["eigenvalues"]:
         columns[f"{prefix}.lambda_max"] = record["eigenvalues"][0]
     return columns
+
+
+FINAL_STATES = ("finished", "diverged", "failed", "busy", "lost")
+
+
+def summary(states: dict[str, str]) -> tuple[str, int]:
+    """`3 finished, 1 failed` and the exit code of `sharp sweep`: 0 when every run finished or
+    diverged, 1 when one failed, was busy (another process wrote it) or lost (its worker died)."""
+    values = list(states.values())
+    counts = {s: n for s in FINAL_STATES if (n := values.count(s))}
+    code = int(any(s not in ("finished", "diverged") for s in values))
+    return ", ".join(f"{n} {s}" for s, n in counts.items()), code
+
+
+def status_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines of `sharp sweep status`: run, the varying settings, state, test accuracy, probes."""
+    keys = [k for k in rows[0] if k not in ("run", "state", "probes", "reason")] if rows else []
+    varying = [
+        k
+        for k in keys
+        if "." not in k
+        and k not in ("step", "epoch", "test_loss", "eval_train_acc", "eval_train_loss", "test_acc")
+    ]
+    header = ["run", *varying, "state", "test_acc", "probes"]
+    table = [header] + [
+        [str(row.get(k, "")) if k != "test_acc" or row.get(k) is None else f"{row[k]:.4f}" for k in header]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]

@@ -14,6 +14,8 @@ from sharp.cli import cli
 from sharp.runs import RunDir, read_jsonl
 from sharp.train import TIMING_KEYS
 
+MLP_ON_DIGITS = ["train", "--dataset", "digits", "--model", "mlp"]
+
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
@@ -72,20 +74,7 @@ def test_train_on_synthetic_writes_a_complete_run(tmp_path):
 
 
 def test_train_on_digits_learns(tmp_path):
-    result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "4",
-        "--batch-size",
-        "32",
-        "--out",
-        tmp_path / "d",
-        "--quiet",
-    )
+    result = invoke(*MLP_ON_DIGITS, "--epochs", "4", "--batch-size", "32", "--out", tmp_path / "d", "--quiet")
     assert result.exit_code == 0, result.output
     assert RunDir(tmp_path / "d").status()["test_acc"] > 0.8
 
@@ -98,6 +87,7 @@ def test_config_file_supplies_settings_and_the_command_line_overrides(tmp_path):
     result = invoke("train", "--config", config, "--batch-size", "32", "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 0, result.output
     settings = json.loads((tmp_path / "r" / "config.json").read_text())["settings"]
+    # settings are recorded as given, so even the float lr comes back exactly
     assert settings["batch_size"] == 32 and settings["lr"] == 0.05 and settings["steps"] == 3
     assert settings["milestones"] == "0.5,0.9"
     # a run's own config.json reproduces it
@@ -161,35 +151,12 @@ def test_same_seed_same_settings_same_metrics_and_weights(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
-    result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "1",
-        "--out",
-        tmp_path / "bad",
-        "--quiet",
-        *args,
-    )
+    result = invoke(*MLP_ON_DIGITS, "--steps", "1", "--out", tmp_path / "bad", "--quiet", *args)
     assert fragment in _one_line_error(result)
 
 
 def test_finished_run_is_not_overwritten_without_overwrite(tmp_path):
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "2",
-        "--out",
-        tmp_path / "r",
-        "--quiet",
-    ]
+    args = [*MLP_ON_DIGITS, "--steps", "2", "--out", tmp_path / "r", "--quiet"]
     assert invoke(*args).exit_code == 0
     before = (tmp_path / "r" / "final.pt").read_bytes()
     line = _one_line_error(invoke(*args, "--lr", "0.5"))
@@ -216,20 +183,7 @@ def test_unknown_config_key(tmp_path):
 
 def test_divergence_is_recorded_with_its_own_exit_code(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--norm",
-        "none",
-        "--lr",
-        "1e6",
-        "--steps",
-        "50",
-        "--out",
-        tmp_path / "div",
-        "--quiet",
+        *MLP_ON_DIGITS, "--norm", "none", "--lr", "1e6", "--steps", "50", "--out", tmp_path / "div", "--quiet"
     )
     line = _one_line_error(result, code=3)
     assert "diverged" in line
@@ -306,18 +260,7 @@ def test_python_dash_m_and_help():
 
 def test_batch_schedule_and_early_stop(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "6",
-        "--batch-schedule",
-        "0:32,2:128",
-        "--out",
-        tmp_path / "bs",
-        "--quiet",
+        *MLP_ON_DIGITS, "--epochs", "6", "--batch-schedule", "0:32,2:128", "--out", tmp_path / "bs", "--quiet"
     )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(tmp_path / "bs" / "metrics.jsonl")
@@ -326,18 +269,7 @@ def test_batch_schedule_and_early_stop(tmp_path):
     assert steps[2] - steps[1] == 45 and steps[4] - steps[3] == 12  # ceil(1437/32), ceil(1437/128)
 
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "50",
-        "--until-train-loss",
-        "0.5",
-        "--out",
-        tmp_path / "stop",
-        "--quiet",
+        *MLP_ON_DIGITS, "--epochs", "50", "--until-train-loss", "0.5", "--out", tmp_path / "stop", "--quiet"
     )
     assert result.exit_code == 0, result.output
     status = RunDir(tmp_path / "stop").status()
@@ -347,21 +279,56 @@ def test_batch_schedule_and_early_stop(tmp_path):
 
 def test_test_subset_is_balanced_and_recorded(tmp_path):
     result = invoke(
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--steps",
-        "2",
-        "--test-subset",
-        "100",
-        "--out",
-        tmp_path / "t",
-        "--quiet",
+        *MLP_ON_DIGITS, "--steps", "2", "--test-subset", "100", "--out", tmp_path / "t", "--quiet"
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "t" / "config.json").read_text())["derived"]["n_test"] == 100
     assert "--test-subset 0 must be positive" in _one_line_error(
         invoke("train", "--dataset", "digits", "--test-subset", "0", "--out", tmp_path / "u")
     )
+
+
+def test_field_types_are_read_from_the_annotations():
+    from sharp.config import ProbeConfig, TrainConfig, field_types
+
+    types = field_types(TrainConfig)
+    assert types["micro_batch"] == (int, True) and types["batch_size"] == (int, False)
+    assert types["momentum"] == (float, False) and types["lr"] == (float, True)
+    assert types["augment"] == (bool, True) and types["dataset"] == (str, False)
+    assert field_types(ProbeConfig)["subspace"] == (int, True)
+    for cls in (TrainConfig, ProbeConfig):  # every default is of its field's type
+        for name, (kind, optional) in field_types(cls).items():
+            default = cls.__dataclass_fields__[name].default
+            assert (default is None and optional) or type(default) is kind, name
+
+
+def test_a_few_settings_of_a_class_get_its_defaults_and_checks():
+    from sharp.config import ProbeConfig, TrainConfig, resolve_settings
+    from sharp.errors import SharpError
+
+    assert resolve_settings(ProbeConfig, device=None, precision="fp64", seed=None) == {
+        "device": "auto",
+        "precision": "fp64",
+        "seed": 0,
+    }
+    with pytest.raises(SharpError, match="--precision 'bf16' is unknown: choose one of fp32, fp64"):
+        resolve_settings(ProbeConfig, precision="bf16")
+    with pytest.raises(SharpError, match="setting seed = 'x' must be int"):
+        resolve_settings(TrainConfig, seed="x")
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "fragment"),
+    [
+        ("train --config", "batch_size = [", "--config {} is not valid TOML"),
+        ("sweep", "[base\n", "sweep spec {} is not valid TOML"),
+        ("repro", "name = \n", "reproduction spec {} is not valid TOML"),
+    ],
+)
+def test_a_bad_toml_file_is_one_line_naming_it(tmp_path, command, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = ["--out", tmp_path / "o"]
+    assert fragment.format(path) in _one_line_error(invoke(*command.split(), path, *out))
+    if command != "repro":  # repro takes a missing path for a spec name
+        assert "cannot read it" in _one_line_error(invoke(*command.split(), tmp_path / "missing.toml", *out))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sharp.cli import cli
-from sharp.config import FIELDS, TrainConfig, make_config
+from sharp.config import FIELDS, TrainConfig, field_types, make_config
 from sharp.errors import SharpError
 from sharp.runs import RunDir, read_jsonl
 from sharp.train import TIMING_KEYS
@@ -136,6 +135,65 @@ def test_a_second_writer_process_is_refused(tmp_path):
     assert "being written by process" in _one_line_error(second)
 
 
+DIGITS_RUN = ["--dataset", "digits", "--model", "mlp", "--batch-size", "16", "--eval-every", "0.5", "--quiet"]
+
+
+def test_two_writers_started_at_once_one_trains_and_the_other_is_refused(tmp_path):
+    out = tmp_path / "r"
+    command = [*TRAIN, *DIGITS_RUN, "--epochs", "4", "--out", str(out)]
+    pair = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in pair]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    lines = [line for line in refused.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is being written by process" in lines[0], refused
+    # the run directory is the winner's alone: every evaluation once, final = last checkpoint
+    run = RunDir(out)
+    assert run.status()["state"] == "finished" and not run.lock_file.exists()
+    steps = [m["step"] for m in read_jsonl(run.metrics)]
+    assert steps == [45 * k for k in range(9)]  # ceil(1437 / 16) = 90 steps an epoch, evaluated twice
+    final = torch.load(run.final, weights_only=True)
+    last = torch.load(run.last_checkpoint, weights_only=True)["model"]
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_after_sigkill_a_resume_takes_the_run_over_at_once(tmp_path):
+    out = tmp_path / "r"
+    writer = subprocess.Popen([*TRAIN, *DIGITS_RUN, "--epochs", "3", "--out", str(out)])
+    while writer.poll() is None and _lines(out / "metrics.jsonl") < 2:
+        time.sleep(0.005)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert str(writer.pid) in RunDir(out).lock_file.read_text()  # what the killed writer left
+    result = invoke("train", "--resume", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert RunDir(out).status()["state"] == "finished"
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [45 * k for k in range(7)]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(tmp_path, monkeypatch):
+    from sharp.checkpoint import Checkpointer
+
+    reference = _tiny_run(tmp_path / "reference", "--epochs", "1")
+
+    def stopped(self, state):
+        raise KeyboardInterrupt  # a stop before the first checkpoint was written
+
+    monkeypatch.setattr(Checkpointer, "save_last", stopped)
+    out = tmp_path / "r"
+    result = invoke(
+        "train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", out, "--quiet"
+    )
+    assert result.exit_code == 130 and not RunDir(out).last_checkpoint.exists()
+    monkeypatch.undo()
+    result = invoke("train", "--resume", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    a = torch.load(reference / "final.pt", weights_only=True)
+    b = torch.load(out / "final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip(read_jsonl(reference / "metrics.jsonl")) == _strip(read_jsonl(out / "metrics.jsonl"))
+
+
 def test_corrupt_last_checkpoint_names_the_fallback(tmp_path):
     out = _tiny_run(tmp_path / "r", "--epochs", "2")
     RunDir(out).set_status("running")  # as if killed
@@ -237,7 +295,7 @@ _VALUES = {
 
 
 def _strategy(name):
-    kind = str(FIELDS[name].type).split(" ")[0]
+    kind = field_types(TrainConfig)[name][0].__name__
     choices = FIELDS[name].metadata.get("choices")
     base = _VALUES[kind]
     return st.one_of(base, st.sampled_from(choices)) if choices else base
@@ -276,7 +334,122 @@ def test_config_files_with_any_values_give_one_line_errors(table):
         assert "\n" not in str(exc)
 
 
-def test_config_json_records_every_setting(tmp_path):
-    out = _tiny_run(tmp_path / "r", "--steps", "1")
-    settings_ = json.loads((out / "config.json").read_text())["settings"]
-    assert set(settings_) == set(FIELDS)
+# Every setting at a value other than its default, but for those in NOT_SET, so that any one
+# that config.json failed to carry would change the run it reproduces.
+NON_DEFAULT = {
+    "dataset": "digits",  # the default, but written out: the run must not depend on defaults
+    "train_subset": 600,
+    "data_seed": 3,
+    "augment": True,
+    "eval_train_size": 300,
+    "test_subset": 200,
+    "model": "convnet",
+    "width": 0.5,
+    "bn_batch": 8,
+    "batch_size": 64,
+    "micro_batch": 32,
+    "drop_last": True,
+    "batch_schedule": "0:64,1:128",
+    "momentum": 0.9,
+    "weight_decay": 1e-3,
+    "base_lr": 0.05,
+    "lr_scaling": "linear",
+    "reference_batch": 32,
+    "warmup": 0.2,
+    "warmup_style": "goyal",
+    "schedule": "step",
+    "milestones": "0.6,0.8",
+    "gamma": 0.5,
+    "epochs": 2,
+    "until_train_loss": 1e-6,
+    "eval_every": 0.5,
+    "checkpoint_every": 1,
+    "noise_scale": True,
+    "seed": 5,
+    "deterministic": True,
+    "device": "cpu",
+    "precision": "fp64",
+    "channels_last": False,
+}
+NOT_SET = {
+    "data_root": "cifar only",
+    "download": "cifar only",
+    "norm": "--bn-batch needs bn, the default",
+    "optimizer": "--momentum is SGD's, the default",
+    "lr": "exclusive with --base-lr",
+    "steps": "exclusive with --epochs",
+    "compile": "compiling takes most of a minute",
+}
+
+
+def _flags(settings):
+    args = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def test_a_runs_config_json_reproduces_it_bit_for_bit(tmp_path):
+    assert set(NON_DEFAULT) | set(NOT_SET) == set(FIELDS)  # a new setting belongs in one of them
+    assert all(NON_DEFAULT[k] != FIELDS[k].default for k in NON_DEFAULT if k != "dataset")
+    first = invoke("train", *_flags(NON_DEFAULT), "--out", tmp_path / "a", "--quiet")
+    assert first.exit_code == 0, first.output
+    again = invoke("train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b", "--quiet")
+    assert again.exit_code == 0, again.output
+    a = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "final.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == _strip(
+        read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    )
+
+
+_RANK_LOADING_CIFAR = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+import torchvision.datasets
+
+root = Path(sys.argv[1])
+
+
+class FakeCIFAR10:
+    classes = [str(c) for c in range(10)]
+
+    def __init__(self, root, train=True, download=False):
+        done = Path(root) / "downloaded"
+        if download and not done.exists():
+            with open(Path(root) / "downloads.log", "a") as log:
+                log.write(f"{os.getpid()}\\n")
+            time.sleep(1.0)  # a download takes a while: without a lock the other rank starts one too
+            done.write_text("")
+        if not done.exists():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        self.data = np.zeros((20, 8, 8, 3), np.uint8)
+        self.targets = [i % 10 for i in range(20)]
+
+
+torchvision.datasets.CIFAR10 = FakeCIFAR10
+(root / f"ready-{os.getpid()}").touch()
+while len(list(root.glob("ready-*"))) < 2:  # both ranks reach the loader together
+    time.sleep(0.01)
+from sharp.data import load_cifar
+
+print(len(load_cifar("cifar10", root, download=True).train_labels))
+"""
+
+
+def test_ranks_asking_for_a_download_at_once_download_it_once(tmp_path):
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", _RANK_LOADING_CIFAR, str(tmp_path)], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert [out.strip() for out in outputs] == [b"20", b"20"]
+    assert len((tmp_path / "downloads.log").read_text().splitlines()) == 1
+    assert not (tmp_path / ".sharp-download.lock").exists()

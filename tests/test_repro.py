@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -31,6 +30,9 @@ def test_every_spec_parses_and_expands_at_both_scales(name, scale):
 
 
 def _settings(spec, group):
+    """The resolved settings of a group's runs. Settings are data, parsed from the spec and
+    never computed, so the tests below compare them (floats too) exactly: a setting that comes
+    back other than written is the defect."""
     return [run.settings for run in spec.groups[group].runs]
 
 
@@ -52,7 +54,7 @@ def test_masters_luschi_full_scale_is_the_papers_setup():
     runs = _settings(spec, "resnet8_nobn")
     assert sorted({r["batch_size"] for r in runs}) == [2**k for k in range(1, 12)]  # m = 2 ... 2048
     lrs = sorted({r["base_lr"] for r in runs})
-    assert [math.log2(v) for v in lrs] == list(range(-12, 1))  # eta~ = 2^-12 ... 2^0
+    assert lrs == [2.0**k for k in range(-12, 1)]  # eta~ = 2^-12 ... 2^0, exact binary fractions
     for r in runs:
         assert (r["optimizer"], r["momentum"], r["lr_scaling"], r["reference_batch"]) == (
             "sgd",
@@ -130,18 +132,45 @@ def test_unknown_spec_name_lists_the_known_ones():
         ReproSpec.load("nonexistent")
 
 
-def test_demo_quick_writes_a_report_and_headline(tmp_path):
+def _final(run):
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "test_acc" in m][
+        -1
+    ]
+
+
+def _probe(run, label):
+    (path,) = (run / "probes").glob(f"final.{label}.*.json")
+    return json.loads(path.read_text())
+
+
+def test_demo_quick_reports_the_runs_own_numbers(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "test accuracy  SB" in result.output and "report:" in result.output
+    runs = {}
+    for run in (out / "runs").iterdir():
+        batch = json.loads((run / "config.json").read_text())["settings"]["batch_size"]
+        runs["SB" if batch == 16 else "LB"] = run
+    acc = {k: _final(run)["test_acc"] for k, run in runs.items()}
+    sharp = {k: _probe(run, "sharpness-eps0.001-full")["sharpness"] for k, run in runs.items()}
+    top = {k: _probe(run, "hessian-top3-lanczos")["eigenvalues"][0] for k, run in runs.items()}
+    lines = result.output.splitlines()
+    assert f"test accuracy  SB {100 * acc['SB']:.1f}%  LB {100 * acc['LB']:.1f}%" in lines
+    assert f"eps-sharpness (eps 1e-3, full space)  SB {sharp['SB']:.3g}  LB {sharp['LB']:.3g}" in lines
+    assert f"top Hessian eigenvalue  SB {top['SB']:.3g}  LB {top['LB']:.3g}" in lines
     report = (out / "report.md").read_text()
-    assert "![" in report and "figures/" in report
+    row = next(line for line in report.splitlines() if line.startswith("| **this run**") and "(n=1)" in line)
+    assert f"| {100 * acc['SB']:.2f} (n=1) | {100 * acc['LB']:.2f} (n=1) |" in row  # Table 2, test SB/LB
+    table3 = report.split("### Table 3")[1].split("### Table 4")[0]
+    assert f"| {sharp['SB']:.2f} (n=1) | {sharp['LB']:.2f} (n=1) |" in table3
     images = re.findall(r"\]\((figures/[^)]+\.png)\)", report)
     assert images and all((out / image).exists() for image in images)
-    assert (out / "interpolations" / "sb-lb" / "interp.json").exists()
+    interp = json.loads((out / "interpolations" / "sb-lb" / "interp.json").read_text())
+    assert interp["provenance"]["batch_size_a"] == 16 and interp["provenance"]["batch_size_b"] == 512
+    stamps = {k: (run / "final.pt").stat().st_mtime_ns for k, run in runs.items()}
     again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 0 and "2 runs" in again.output
+    assert {k: (run / "final.pt").stat().st_mtime_ns for k, run in runs.items()} == stamps
 
 
 def _tiny_spec(**report):
@@ -194,3 +223,28 @@ def test_repro_runs_end_to_end_and_a_rerun_only_redraws(tmp_path):
     changed["base"]["steps"] = 5
     with pytest.raises(SharpError, match="holds another reproduction"):
         run_repro(ReproSpec.from_dict(changed), out, echo=lambda _: None)
+
+
+def test_repro_device_reaches_every_stage_and_is_recorded(tmp_path, monkeypatch):
+    from sharp import runtime
+
+    asked, select = [], runtime.select_device
+
+    def spy(name="auto"):
+        asked.append(name)
+        return select(name)
+
+    monkeypatch.setattr(runtime, "select_device", spy)
+    out = tmp_path / "tiny"
+    run_repro(ReproSpec.from_dict(_tiny_spec()), out, device="cpu", echo=lambda _: None)
+    assert asked and set(asked) == {"cpu"}  # training, probes and interpolation: none left on auto
+    manifest = json.loads((out / "repro.json").read_text())
+    assert manifest["device"] == "cpu"
+    assert manifest["devices"] == {"training": ["cpu"], "probes": ["cpu"], "interpolations": ["cpu"]}
+
+
+def test_repro_refuses_an_unknown_device(tmp_path):
+    result = CliRunner().invoke(cli, ["repro", "keskar", "--device", "tpu", "--out", str(tmp_path / "r")])
+    assert (
+        result.exit_code == 2 and "--device 'tpu' is unknown: choose one of auto, cpu, cuda" in result.output
+    )

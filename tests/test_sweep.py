@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 
 import pytest
 import torch
@@ -85,7 +87,8 @@ def test_local_sweep_records_a_failure_goes_on_and_rerun_skips_finished(tmp_path
     with open(table) as handle:
         read = list(csv.DictReader(handle))
     assert [r["train_subset"] for r in read] == ["100", "200", "300", "5000"]
-    assert float(read[0]["test_acc"]) == pytest.approx(rows[0]["test_acc"])
+    # exact: the CSV holds each float in its shortest repr, which reads back to the same float
+    assert float(read[0]["test_acc"]) == rows[0]["test_acc"]
     assert float(read[0]["hessian-top2-lanczos.lambda_max"]) > 0 and read[0]["probes"] == "1"
 
 
@@ -166,3 +169,107 @@ def test_bad_launcher_options(tmp_path, args, fragment):
     assert (
         result.exit_code == 2 and fragment in result.output and len(result.output.strip().splitlines()) == 1
     )
+
+
+def _check_in(folder, workers):
+    """Run in a pool worker: wait until every worker holds one of these tasks (so each worker
+    runs exactly one), then report this worker's pid and visible GPUs."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(Path(folder).iterdir())) < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_each_local_worker_sees_one_gpu_round_robin(tmp_path, monkeypatch):
+    from sharp.sweep import worker_pool
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with 2 GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with worker_pool(3) as pool:
+        seen = [f.result(timeout=180) for f in [pool.submit(_check_in, str(tmp_path), 3) for _ in range(3)]]
+    assert len({pid for pid, _ in seen}) == 3
+    assert sorted(gpu for _, gpu in seen) == ["0", "0", "1"]  # workers 0, 1, 2 on GPUs 0, 1, 0
+
+
+def test_the_gpus_a_sweep_shares_out_are_those_it_may_use(monkeypatch):
+    from sharp.sweep import visible_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert visible_gpus() == ["5", "7"]  # worker 0 gets physical GPU 5, worker 1 GPU 7
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []  # workers keep their environment
+
+
+KILL_SPEC = """
+[base]
+dataset = "digits"
+model = "mlp"
+width = 0.25
+batch_size = 32
+epochs = 1
+eval_every = 0.25
+eval_train_size = 256
+test_subset = 100
+[axes]
+seed = [0, 1, 2, 3]
+"""
+
+
+def test_a_sweep_whose_worker_is_killed_finishes_bit_identical_when_run_again(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(KILL_SPEC)
+    command = [sys.executable, "-m", "sharp", "sweep", str(spec), "--workers", "2", "--out"]
+    clean = subprocess.run([*command, str(tmp_path / "clean")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    cut = tmp_path / "cut"
+    sweep = subprocess.Popen([*command, str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    while sweep.poll() is None and victim is None:  # a run in mid-training, and its worker's pid
+        for run in (cut / "runs").glob("*") if (cut / "runs").is_dir() else []:
+            lines = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
+            if 2 <= lines < 5 and (run / "run.lock").exists():
+                with contextlib.suppress(ValueError, KeyError):
+                    victim = json.loads((run / "run.lock").read_text())["pid"]
+        time.sleep(0.005)
+    assert victim is not None and victim != sweep.pid, "no run was caught in mid-training"
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 1 and "lost" in stdout and "Traceback" not in stderr, stdout + stderr
+
+    again = subprocess.run([*command, str(cut)], capture_output=True, text=True)
+    assert again.returncode == 0 and "4 finished" in again.stdout, again.stdout + again.stderr
+    names = sorted(p.name for p in (tmp_path / "clean" / "runs").iterdir())
+    assert names == sorted(p.name for p in (cut / "runs").iterdir()) and len(names) == 4
+    for name in names:
+        a = torch.load(tmp_path / "clean" / "runs" / name / "final.pt", weights_only=True)
+        b = torch.load(cut / "runs" / name / "final.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_run_another_process_writes_is_left_alone_as_busy(tmp_path):
+    from sharp.config import TrainConfig
+    from sharp.sweep import execute_run
+
+    run = RunDir(tmp_path / "r")
+    settings = TrainConfig(dataset="digits", model="mlp", steps=1).to_dict()
+    with run.lock():  # the other writer (a second open file: refused like another process)
+        assert execute_run(str(run.path), settings) == "busy"
+        assert not run.status_file.exists() and not run.config.exists()  # nothing written
+    assert execute_run(str(run.path), settings) == "finished"
