@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.accumulation import accumulation_curves
+from analysis.headline import FIGURE_ONLY, headlines
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
 from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
@@ -19,7 +20,7 @@ from analysis.masters_luschi import ml_accuracy_vs_lr, ml_best_vs_batch, ml_bn_h
 from analysis.noise import noise_scale_over_training, steps_vs_examples
 from analysis.results import RunRecord, batch_sizes, checkpoint_epoch, checkpoint_of, describe
 from analysis.style import LARGE_BATCH_MIN, finite
-from analysis.tables import DASH, format_number, keskar_tables
+from analysis.tables import DASH, format_number, keskar_tables, markdown_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes
 
@@ -198,7 +199,7 @@ def settings_table(runs: Sequence[RunRecord]) -> str:
                 r.state + (f" ({r.status['reason']})" if r.status.get("reason") and r.diverged else ""),
             ]
         )
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def _probe_setting(record: dict[str, Any]) -> str:
@@ -226,20 +227,17 @@ def _probe_setting(record: dict[str, Any]) -> str:
 
 
 def _probe_value(record: dict[str, Any]) -> str:
-    kind = record.get("probe")
-    if kind in ("epsilon_sharpness", "adaptive_sharpness"):
-        return format_number(finite(record.get("sharpness")))
-    if kind == "average_sharpness":
-        value, err = finite(record.get("sharpness")), finite(record.get("stderr"))
-        return f"{format_number(value)} ± {format_number(err)}"
-    if kind == "hessian_eigenvalues":
-        return ", ".join(f"{v:.4g}" for v in record.get("eigenvalues", []))
-    if kind == "hessian_trace":
-        return f"{format_number(finite(record.get('trace')))} ± {format_number(finite(record.get('stderr')))}"
-    if kind == "noise_scale":
-        value, err = finite(record.get("b_simple")), finite(record.get("b_simple_stderr"))
-        return format_number(value) + (f" ± {format_number(err)}" if err is not None else "")
-    return "(figure)" if kind in ("hessian_density", "random_direction_scan") else DASH
+    numbers = headlines(record)
+    if not numbers:
+        return "(figure)" if record.get("probe") in FIGURE_ONLY else DASH
+    parts = []
+    for h in numbers:
+        if isinstance(h.value, list):
+            text = ", ".join(f"{v:.4g}" for v in h.value)
+        else:
+            text = format_number(h.value) + (f" ± {format_number(h.stderr)}" if h.stderr is not None else "")
+        parts.append(text if len(numbers) == 1 else f"{h.field} {text}")
+    return "; ".join(parts)
 
 
 def _checkpoints(labels: list[str]) -> str:
@@ -283,14 +281,7 @@ def probes_table(runs: Sequence[RunRecord]) -> str:
                     _probe_value(finals[-1]) if finals else DASH,
                 ]
             )
-    return _markdown(header, rows) if rows else "No probes were run (`sharp probe RUN ...`)."
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+    return markdown_table(header, rows) if rows else "No probes were run (`sharp probe RUN ...`)."
 
 
 # --- figures -------------------------------------------------------------------------------------

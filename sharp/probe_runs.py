@@ -235,12 +235,17 @@ def run_probes(
 
 def summarize(record: dict[str, Any]) -> str:
     """The headline number(s) of a probe record, for the terminal."""
-    for key in ("sharpness", "eigenvalues", "trace", "b_simple"):
-        if key in record:
-            value = record[key]
-            if isinstance(value, list):
-                return f"{key} " + ", ".join(f"{v:.4g}" for v in value)
-            return f"{key} {value:.4g}"
+    from analysis.headline import headlines
+
+    parts = []
+    for h in headlines(record):
+        if isinstance(h.value, list):
+            text = ", ".join(f"{v:.4g}" for v in h.value)
+        else:
+            text = "—" if h.value is None else f"{h.value:.4g}"
+        parts.append(f"{h.field} {text}" + ("" if h.stderr is None else f" ± {h.stderr:.2g}"))
+    if parts:
+        return "; ".join(parts)
     if "loss" in record:
         return f"{len(record['loss'])} points"
     return record.get("probe", "")

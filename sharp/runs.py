@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from sharp.errors import SharpError
-from sharp.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from sharp.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 
 __all__ = ["append_jsonl", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "read_jsonl"]
 
@@ -113,10 +113,7 @@ class RunDir:
         return self.config.is_file()
 
     def status(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {"state": "unknown"}
+        return read_json(self.status_file) or {"state": "unknown"}
 
     def set_status(self, state: str, **details: Any) -> None:
         atomic_write_json(self.status_file, {"state": state, "time": time.time(), **details})
@@ -196,9 +193,8 @@ class RunDir:
 
     def _lock_holder(self) -> dict[str, Any] | None:
         """The live holder of the lock, or None when the lock is stale."""
-        try:
-            holder = json.loads(self.lock_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        holder = read_json(self.lock_file)
+        if holder is None:
             return None
         if holder.get("host") != socket.gethostname():
             return holder  # cannot check a process on another machine: assume alive
