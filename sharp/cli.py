@@ -185,7 +185,7 @@ def probe(run: str, **settings: Any) -> None:
     if not cfg.any_probe():
         raise SharpError(
             "choose at least one probe: --sharpness, --adaptive, --average, --hessian, --trace, --density, "
-            "--landscape or --noise-scale"
+            "--landscape, --noise-scale or --norms"
         )
     run_probes(run, probe_tasks(cfg), cfg, echo=click.echo)
 

@@ -278,6 +278,9 @@ class ProbeConfig:
     landscape_range: str = _opt("-1:1:21", "start:stop:count of the --landscape scan")
     landscape_2d: bool = _opt(False, "scan a plane (two directions) instead of a line")
     noise_scale: bool = _opt(False, "gradient noise scale B_simple at the checkpoint")
+    norms: bool = _opt(
+        False, "weight norms: l2, distance from epoch-0000.pt, path norm (no BN), sum of squared Frobenius"
+    )
     b_small: int = _opt(32, "small batch of --noise-scale")
     b_big: int = _opt(512, "big batch of --noise-scale")
 
@@ -319,7 +322,9 @@ class ProbeConfig:
         return any(getattr(self, name) for name in PROBE_FLAGS)
 
 
-PROBE_FLAGS = ("sharpness", "adaptive", "average", "hessian", "trace", "density", "landscape", "noise_scale")
+PROBE_FLAGS = (
+    "sharpness", "adaptive", "average", "hessian", "trace", "density", "landscape", "noise_scale", "norms",
+)  # fmt: skip
 
 
 def parse_positive_list(text: str, option: str) -> list[float]:
