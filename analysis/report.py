@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from analysis.accumulation import accumulation_curves
+from analysis.correlate import (
+    CorrelationResult,
+    Study,
+    correlate,
+    correlation_table,
+    declared_axes,
+    notes,
+    paper_note,
+    settings_text,
+    write_correlation,
+)
 from analysis.headline import FIGURE_ONLY, headlines
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
@@ -399,6 +410,42 @@ def _draw_interpolation(c: FigureContext, interp: _Interpolation) -> list[Path]:
     return [png, csv]
 
 
+@dataclass
+class _Correlation:
+    """The rank correlations of a sweep's runs with their generalization gap, computed when first needed."""
+
+    study: Study
+    scale: str | None
+
+    @functools.cached_property
+    def result(self) -> CorrelationResult:
+        return correlate(self.study)
+
+
+def _sweep_correlation(c: FigureContext) -> _Correlation | None:
+    """The runs' sweep (SWEEP/sweep.json or OUT/repro.json above every run), or None."""
+    roots = {r.path.parent.parent for r in c.runs}
+    declared = declared_axes(roots.pop()) if len(roots) == 1 else None
+    return None if declared is None else _Correlation(Study(list(c.runs), *declared), c.scale)
+
+
+def _correlation_caption(corr: _Correlation) -> str:
+    result = corr.result
+    left_out = notes(result)
+    parts = [
+        "Kendall's τ of each measure with the generalization gap over the sweep's runs (filled circles: "
+        "test − train error; open squares: test − train loss), with percentile bootstrap intervals; Ψ is "
+        "Jiang et al. 2020's granulated τ, ψ per axis in granulated.csv.",
+        "\n".join(settings_text(result, corr.scale)),
+        correlation_table(result),
+        paper_note(result),
+        "![Each measure against the test − train error gap, by batch size](figures/correlation_scatter.png)",
+    ]
+    if left_out:
+        parts.append("Left out:\n\n" + "\n".join(left_out))
+    return "\n\n".join(parts)
+
+
 _ML_LR_MISSING = "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values"
 
 FIGURE_TABLE: tuple[FigureSpec, ...] = (
@@ -526,6 +573,14 @@ FIGURE_TABLE: tuple[FigureSpec, ...] = (
         "augmentation).",
         "Learning curves of true and accumulated batches of the same effective size",
         "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+    ),
+    FigureSpec(
+        "correlation",
+        _sweep_correlation,
+        lambda c, corr: write_correlation(corr.result, c.figures_dir, scale=c.scale)[1:],
+        "Rank correlation with the generalization gap (Jiang et al. 2020)",
+        _correlation_caption,
+        "Kendall's tau of each measure with the generalization gap, with bootstrap intervals",
     ),
 )
 FIGURES = tuple(spec.name for spec in FIGURE_TABLE)
