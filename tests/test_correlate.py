@@ -347,3 +347,36 @@ def test_correlate_a_digits_sweep_end_to_end(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Rank correlation with the generalization gap" in text and "| λ_max | 6 |" in text
     assert (tmp_path / "report" / "figures" / "correlation.csv").exists()
+
+
+def test_the_generalization_measures_spec_runs_end_to_end_at_toy_size(tmp_path):
+    """paper_repro/generalization-measures.toml at cpu scale with its probes as they are, on digits:
+    4 runs (2 batch sizes x BN / no BN), 1 epoch, a quarter of the width."""
+    from sharp.config import tomllib
+    from sharp.repro import SPEC_DIR, ReproSpec, run_repro
+
+    data = tomllib.loads((SPEC_DIR / "generalization-measures.toml").read_text())
+    for group in data["scales"]["cpu"]["groups"].values():
+        group["axes"] = {"batch_size": [16, 64], "lr": [0.001], "weight_decay": [0.0005], "seed": [0]}
+    toy = {
+        "dataset": "digits", "train_subset": None, "test_subset": None, "eval_train_size": 256, "width": 0.25,
+        "epochs": 1, "until_train_loss": None, "checkpoint_every": 1,
+    }  # fmt: skip
+    report = run_repro(ReproSpec.from_dict(data, "cpu", overrides=toy), tmp_path / "gm", echo=lambda _: None)
+    text = report.read_text()
+    assert "Rank correlation with the generalization gap" in text and "not shown beside ours" in text
+    rows = read_csv(tmp_path / "gm" / "figures" / "per_run.csv")
+    assert sorted((r["norm"], r["batch_size"]) for r in rows) == [
+        ("bn", "16"), ("bn", "64"), ("none", "16"), ("none", "64"),
+    ]  # fmt: skip
+    measures = [r["measure"] for r in read_csv(tmp_path / "gm" / "figures" / "correlation.csv")]
+    for name in (
+        "ε-sharpness ε=0.001 full", "ε-sharpness ε=0.001 subspace p=100", "λ_max", "Hessian trace",
+        "worst-case adaptive sharpness ρ=0.0005 ℓ∞", "average adaptive sharpness ρ=0.0005 ℓ2",
+        "B_simple (16/64)", "‖w‖₂", "‖w − w₀‖₂", "path norm", "Σ‖W‖_F²",
+    ):  # fmt: skip
+        assert name in measures, (name, measures)
+    path_norms = {r["norm"]: r["path norm"] for r in rows}
+    assert path_norms["bn"] == "" and float(path_norms["none"]) > 0  # defined without BN only
+    assert all(float(r["‖w − w₀‖₂"]) > 0 for r in rows)  # epoch-0000.pt kept by checkpoint_every
+    assert "path norm: missing in 2 of 4 runs" in text
