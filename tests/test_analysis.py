@@ -75,9 +75,10 @@ def make_run(
     n_train=1000,
     dataset="digits",
     model="mlp",
+    settings=None,
 ):
     """One run directory: config.json (settings/derived/environment), metrics.jsonl, status.json,
-    probes/*.json."""
+    probes/*.json; `settings` adds or replaces settings."""
     path = Path(root) / name
     (path / "probes").mkdir(parents=True)
     micro = micro or batch
@@ -109,6 +110,7 @@ def make_run(
         "epochs": 3,
         "steps": None,
         "seed": seed,
+        **(settings or {}),
     }
     derived = {
         "lr": derived_lr,

@@ -5,15 +5,13 @@ directories and on a tiny digits sweep."""
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_analysis import make_run
 
 import analysis.correlate as correlate_module
 from analysis.correlate import correlate, load_study
@@ -23,7 +21,6 @@ from sharp.cli import cli
 
 # τ and Ψ are ratios of small integers computed in float64: 1e-12 absolute is rounding only
 EXACT = 1e-12
-_clock = itertools.count(2_000_000)
 
 
 def invoke(*args):
@@ -121,11 +118,6 @@ def eigen_probe(value, bn_mode="eval", checkpoint="final"):
 
 def synthetic_run(root, name, *, settings, gap, probes=(), state="finished", train_loss=0.05):
     """A run directory whose final evaluation has train accuracy 0.9 and test accuracy 0.9 - gap."""
-    path = Path(root) / name
-    (path / "probes").mkdir(parents=True)
-    settings = {"dataset": "digits", "model": "mlp", "seed": 0, "until_train_loss": None, **settings}
-    derived = {"effective_batch": settings.get("batch_size", 32), "n_train": 1000}
-    (path / "config.json").write_text(json.dumps({"settings": settings, "derived": derived}))
     final = {
         "step": 10,
         "epoch": 2.0,
@@ -135,15 +127,10 @@ def synthetic_run(root, name, *, settings, gap, probes=(), state="finished", tra
         "test_loss": train_loss + 2 * gap,
     }
     start = {**final, "step": 0, "epoch": 0.0, "test_acc": 0.1, "eval_train_loss": 2.3}
-    (path / "metrics.jsonl").write_text(json.dumps(start) + "\n" + json.dumps(final) + "\n")
-    reason = "trained to the end" if state == "finished" else "loss is nan"
-    (path / "status.json").write_text(json.dumps({"state": state, "reason": reason}))
-    for i, record in enumerate(probes):
-        file = path / "probes" / f"{i:03d}.json"
-        file.write_text(json.dumps(record))
-        tick = next(_clock)
-        os.utime(file, (tick, tick))
-    return path
+    batch = settings.get("batch_size", 32)
+    return make_run(
+        root, name, batch=batch, metrics=[start, final], probes=probes, state=state, settings=settings
+    )
 
 
 def hand_table_runs(root, **extra):
