@@ -278,11 +278,11 @@ class ProbeConfig:
     landscape_range: str = _opt("-1:1:21", "start:stop:count of the --landscape scan")
     landscape_2d: bool = _opt(False, "scan a plane (two directions) instead of a line")
     noise_scale: bool = _opt(False, "gradient noise scale B_simple at the checkpoint")
+    b_small: int = _opt(32, "small batch of --noise-scale")
+    b_big: int = _opt(512, "big batch of --noise-scale")
     norms: bool = _opt(
         False, "weight norms: l2, distance from epoch-0000.pt, path norm (no BN), sum of squared Frobenius"
     )
-    b_small: int = _opt(32, "small batch of --noise-scale")
-    b_big: int = _opt(512, "big batch of --noise-scale")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from sharp.data import Dataset, DeviceLoader, balanced_subset, load_dataset
 from sharp.errors import SharpError
 from sharp.models import build_model
 from sharp.runs import RunDir, atomic_write_json, load_checkpoint
+
+if TYPE_CHECKING:
+    from sharp.probes.norms import NormsResult
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -194,7 +197,7 @@ def _model_state(checkpoint: Any) -> Any:
     return checkpoint
 
 
-def run_weight_norms(model: nn.Module, batches: Batches, *, bn_mode: str, run: RunDir) -> Any:
+def run_weight_norms(model: nn.Module, batches: Batches, *, bn_mode: str, run: RunDir) -> NormsResult:
     """`weight_norms` with the initial weights from the run's checkpoints/epoch-0000.pt; without that
     file (or with one that cannot be read) the distance from initialization is None, with the reason."""
     from sharp.probes.norms import weight_norms
