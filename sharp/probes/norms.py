@@ -21,6 +21,7 @@ All four are accumulated in float64 from the model's parameters; the model is no
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -108,6 +109,7 @@ def weight_norms(
     recorded only: no measure here evaluates the network on data."""
     if bn_mode not in BN_MODES:
         raise SharpError(f"bn_mode {bn_mode!r} is unknown: choose one of {', '.join(BN_MODES)}")
+    started = time.perf_counter()
     batches = as_batches(batches)
     if not batches:
         raise SharpError("the probe set is empty: give at least one batch (it sets the input shape)")
@@ -120,13 +122,14 @@ def weight_norms(
     distance, distance_reason = _distance(model, init) if init is not None else (None, init_missing)
     input_shape = list(batches[0][0].shape[1:])
     obstacle = path_norm_obstacle(model)
+    path = None if obstacle else path_norm(model, input_shape)
     return NormsResult(
         l2_norm=float(l2.sqrt()),
         distance_from_init=distance,
         distance_from_init_reason=distance_reason,
         init_source=init_source,
         frobenius_sq_sum=frobenius,
-        path_norm=None if obstacle else path_norm(model, input_shape),
+        path_norm=path,
         path_norm_reason=obstacle,
         input_shape=input_shape,
         n_params=sum(p.numel() for _, p in params),
@@ -136,4 +139,5 @@ def weight_norms(
         dtype=str(model_dtype(model)).replace("torch.", ""),
         device=str(model_device(model)),
         evaluations={} if obstacle else {"forward": 1},
+        wall_time=time.perf_counter() - started,
     )
