@@ -9,5 +9,9 @@
 - `analysis.noise`: `noise_scale_over_training`, `steps_vs_examples` (McCandlish et al. 2018)
 - `analysis.hessian`: `hessian_eigenvalues_plot`, `hessian_density_plot`
 - `analysis.tables`: `keskar_tables` (Keskar et al. 2017, Tables 2-4, beside the paper's numbers)
+- `analysis.headline`: the headline numbers of a probe record (`headlines`, `scalars`)
+- `analysis.rank`: Kendall's τ, its bootstrap interval, Jiang et al. 2020's granulated τ Ψ
+- `analysis.correlate`: `load_study`, `correlate`, `write_correlation` (`sharp correlate`); figures in
+  `analysis.correlation_figures`; the paper's confirmed numbers in `analysis.jiang2020`
 - `analysis.report`: `build_report` -> report.md with figures/*.png and the CSV behind each
 """

@@ -4,6 +4,7 @@ settings of each run and the probe set and BN mode behind every measurement."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -12,6 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from analysis.accumulation import accumulation_curves
+from analysis.correlate import (
+    CorrelationResult,
+    Study,
+    correlate,
+    correlation_table,
+    declared_axes,
+    notes,
+    paper_note,
+    settings_text,
+    write_correlation,
+)
+from analysis.headline import FIGURE_ONLY, headlines
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
 from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
@@ -19,7 +32,7 @@ from analysis.masters_luschi import ml_accuracy_vs_lr, ml_best_vs_batch, ml_bn_h
 from analysis.noise import noise_scale_over_training, steps_vs_examples
 from analysis.results import RunRecord, batch_sizes, checkpoint_epoch, checkpoint_of, describe
 from analysis.style import LARGE_BATCH_MIN, finite
-from analysis.tables import DASH, format_number, keskar_tables
+from analysis.tables import DASH, format_number, keskar_tables, markdown_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes
 
@@ -198,7 +211,7 @@ def settings_table(runs: Sequence[RunRecord]) -> str:
                 r.state + (f" ({r.status['reason']})" if r.status.get("reason") and r.diverged else ""),
             ]
         )
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def _probe_setting(record: dict[str, Any]) -> str:
@@ -226,20 +239,17 @@ def _probe_setting(record: dict[str, Any]) -> str:
 
 
 def _probe_value(record: dict[str, Any]) -> str:
-    kind = record.get("probe")
-    if kind in ("epsilon_sharpness", "adaptive_sharpness"):
-        return format_number(finite(record.get("sharpness")))
-    if kind == "average_sharpness":
-        value, err = finite(record.get("sharpness")), finite(record.get("stderr"))
-        return f"{format_number(value)} ± {format_number(err)}"
-    if kind == "hessian_eigenvalues":
-        return ", ".join(f"{v:.4g}" for v in record.get("eigenvalues", []))
-    if kind == "hessian_trace":
-        return f"{format_number(finite(record.get('trace')))} ± {format_number(finite(record.get('stderr')))}"
-    if kind == "noise_scale":
-        value, err = finite(record.get("b_simple")), finite(record.get("b_simple_stderr"))
-        return format_number(value) + (f" ± {format_number(err)}" if err is not None else "")
-    return "(figure)" if kind in ("hessian_density", "random_direction_scan") else DASH
+    numbers = headlines(record)
+    if not numbers:
+        return "(figure)" if record.get("probe") in FIGURE_ONLY else DASH
+    parts = []
+    for h in numbers:
+        if isinstance(h.value, list):
+            text = ", ".join(f"{v:.4g}" for v in h.value)
+        else:
+            text = format_number(h.value) + (f" ± {format_number(h.stderr)}" if h.stderr is not None else "")
+        parts.append(text if len(numbers) == 1 else f"{h.field} {text}")
+    return "; ".join(parts)
 
 
 def _checkpoints(labels: list[str]) -> str:
@@ -283,14 +293,7 @@ def probes_table(runs: Sequence[RunRecord]) -> str:
                     _probe_value(finals[-1]) if finals else DASH,
                 ]
             )
-    return _markdown(header, rows) if rows else "No probes were run (`sharp probe RUN ...`)."
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+    return markdown_table(header, rows) if rows else "No probes were run (`sharp probe RUN ...`)."
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -317,19 +320,270 @@ def _interpolation_title(record: dict[str, Any], runs: Sequence[RunRecord], scal
     return f"Keskar et al. Fig. 3 — {describe(involved, scale)}; x_s: B={a}, x_l: B={b}, BN: {bn}"
 
 
-FIGURES = (
-    "keskar_fig4",
-    "keskar_fig5",
-    "interpolation",
-    "hessian_eigenvalues",
-    "hessian_density",
-    "noise_scale",
-    "steps_vs_examples",
-    "ml_accuracy_vs_lr",
-    "ml_best_vs_batch",
-    "ml_bn_heatmap",
-    "accumulation",
+@dataclass(frozen=True)
+class FigureContext:
+    """What every figure of the report may draw from."""
+
+    runs: Sequence[RunRecord]
+    figures_dir: Path
+    scale: str | None
+    interpolations: Sequence[dict[str, Any] | str | Path]
+    goal_losses: Sequence[float] | None
+
+    @property
+    def text(self) -> str:
+        return describe(self.runs, self.scale)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report. `needs` returns the data it is drawn from, or None when the runs
+    hold none (the figure is then listed as not drawn, with `missing`); `draw` writes its PNG and
+    CSVs and returns their paths; `heading`, `caption` and `alt` are text or functions of that
+    data. With `per_item`, `needs` returns a list and each item is a figure of its own."""
+
+    name: str
+    needs: Callable[[FigureContext], Any]
+    draw: Callable[[FigureContext, Any], Any]
+    heading: str | Callable[[Any], str]
+    caption: str | Callable[[Any], str]
+    alt: str | Callable[[Any], str]  # a plain string is followed by the runs' description
+    missing: str | None = None
+    per_item: bool = False
+    label: Callable[[Any], str] | None = None  # names the figure in a failure (default: heading)
+
+
+def _text(value: str | Callable[[Any], str], data: Any) -> str:
+    return value(data) if callable(value) else value
+
+
+def _fig4_eps(c: FigureContext) -> float | None:
+    eps = _sharpness_eps(c.runs, epoch_checkpoints=False)
+    if eps is None:
+        return None
+    probed = [r for r in c.runs if r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
+    return eps if len(batch_sizes(probed)) >= 2 else None
+
+
+def _goals(c: FigureContext) -> tuple[list[float], bool] | None:
+    goals = list(c.goal_losses) if c.goal_losses is not None else default_goal_losses(c.runs)
+    if not goals or len(batch_sizes(c.runs)) < 3:  # two points determine the two-parameter fit exactly
+        return None
+    several = any(len([r for r in c.runs if r.batch_size == b]) > 1 for b in batch_sizes(c.runs))
+    return goals, several
+
+
+def _any(condition: bool) -> bool | None:
+    return True if condition else None
+
+
+def _decoupled_bn(c: FigureContext) -> bool | None:
+    sizes = batch_sizes(c.runs)
+    return _any(any(len({r.bn_batch for r in c.runs if r.batch_size == b and r.bn_batch}) > 1 for b in sizes))
+
+
+@dataclass
+class _Interpolation:
+    """One `sharp interp` record of the report, read when first needed."""
+
+    index: int
+    item: dict[str, Any] | str | Path
+    runs: Sequence[RunRecord]
+    scale: str | None
+
+    @functools.cached_property
+    def record(self) -> dict[str, Any]:
+        return _load_interpolation(self.item)
+
+    @functools.cached_property
+    def title(self) -> str:
+        return _interpolation_title(self.record, self.runs, self.scale)
+
+
+def _draw_interpolation(c: FigureContext, interp: _Interpolation) -> list[Path]:
+    png = c.figures_dir / f"interpolation-{interp.index}.png"
+    csv = c.figures_dir / f"interpolation-{interp.index}.csv"
+    try:
+        plot_interpolation(interp.record, png, csv, title=interp.title)
+    except KeyError as exc:  # a record without one of the fields the plot needs
+        raise SharpError(str(exc)) from None
+    return [png, csv]
+
+
+@dataclass
+class _Correlation:
+    """The rank correlations of a sweep's runs with their generalization gap, computed when first needed."""
+
+    study: Study
+    scale: str | None
+
+    @functools.cached_property
+    def result(self) -> CorrelationResult:
+        return correlate(self.study)
+
+
+def _sweep_correlation(c: FigureContext) -> _Correlation | None:
+    """The runs' sweep (SWEEP/sweep.json or OUT/repro.json above every run), or None."""
+    roots = {r.path.parent.parent for r in c.runs}
+    declared = declared_axes(roots.pop()) if len(roots) == 1 else None
+    return None if declared is None else _Correlation(Study(list(c.runs), *declared), c.scale)
+
+
+def _correlation_caption(corr: _Correlation) -> str:
+    result = corr.result
+    left_out = notes(result)
+    parts = [
+        "Kendall's τ of each measure with the generalization gap over the sweep's runs (filled circles: "
+        "test − train error; open squares: test − train loss), with percentile bootstrap intervals; Ψ is "
+        "Jiang et al. 2020's granulated τ, ψ per axis in granulated.csv.",
+        "\n".join(settings_text(result, corr.scale)),
+        correlation_table(result),
+        paper_note(result),
+        "![Each measure against the test − train error gap, by batch size](figures/correlation_scatter.png)",
+    ]
+    if left_out:
+        parts.append("Left out:\n\n" + "\n".join(left_out))
+    return "\n\n".join(parts)
+
+
+_ML_LR_MISSING = "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values"
+
+FIGURE_TABLE: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "keskar_fig4",
+        _fig4_eps,
+        lambda c, eps: keskar_batch_size(c.runs, c.figures_dir, eps=eps, scale=c.scale),
+        "Keskar et al. 2017, Fig. 4: accuracy and sharpness against batch size",
+        lambda eps: (
+            f"Final test accuracy (left axis, circles) and full-space ε-sharpness with ε = {eps:g} "
+            "(right axis, squares) against batch size, mean ± std over seeds. Keskar et al. see "
+            f"accuracy fall and sharpness rise past B ≈ {LARGE_BATCH_MIN}."
+        ),
+        "Test accuracy and epsilon-sharpness against batch size",
+        "Keskar Fig. 4: needs final ε-sharpness probes at two or more batch sizes",
+    ),
+    FigureSpec(
+        "keskar_fig5",
+        lambda c: _sharpness_eps(c.runs, epoch_checkpoints=True),
+        lambda c, eps: keskar_sharpness_along_training(c.runs, c.figures_dir, eps=eps, scale=c.scale),
+        "Keskar et al. 2017, Fig. 5/6: sharpness along training",
+        lambda eps: (
+            f"Full-space ε-sharpness (ε = {eps:g}) at each epoch checkpoint against the training "
+            "cross-entropy there; the x-axis is reversed so training proceeds to the right. In the paper "
+            "small-batch sharpness falls as training proceeds and large-batch sharpness rises."
+        ),
+        "Sharpness against training cross-entropy along training, one line per run",
+        "Keskar Fig. 5/6: needs ε-sharpness probes at epoch checkpoints (--checkpoint all)",
+    ),
+    FigureSpec(
+        "interpolation",
+        lambda c: [_Interpolation(i, x, c.runs, c.scale) for i, x in enumerate(c.interpolations, start=1)],
+        _draw_interpolation,
+        lambda interp: f"Keskar et al. 2017, Fig. 3: interpolation #{interp.index}",
+        lambda interp: (
+            "Cross-entropy (left, log) and accuracy (right) along f(α x_l + (1 − α) x_s): train "
+            "solid, test dashed; α = 0 is the small-batch solution x_s, α = 1 the large-batch x_l. "
+            f"{interp.title}."
+        ),
+        lambda interp: f"Loss and accuracy from the small-batch to the large-batch solution ({interp.title})",
+        per_item=True,
+        label=lambda interp: f"Keskar Fig. 3 #{interp.index}",
+    ),
+    FigureSpec(
+        "hessian_eigenvalues",
+        lambda c: _any(any(r.probe("hessian_eigenvalues") for r in c.runs)),
+        lambda c, _: hessian_eigenvalues_plot(c.runs, c.figures_dir, scale=c.scale),
+        "Hessian: top eigenvalues",
+        "Top-k Hessian eigenvalues at the final checkpoint, runs ordered by batch size (log scale).",
+        "Top Hessian eigenvalues per run ordered by batch size",
+        "Hessian eigenvalues: no hessian_eigenvalues probe at 'final' (sharp probe --hessian)",
+    ),
+    FigureSpec(
+        "hessian_density",
+        lambda c: _any(any(r.probe("hessian_density") for r in c.runs)),
+        lambda c, _: hessian_density_plot(c.runs, c.figures_dir, scale=c.scale),
+        "Hessian: spectral density",
+        "Smoothed Hessian spectral density (stochastic Lanczos quadrature) at the final checkpoint, one "
+        f"panel per batch size, log density with a floor of {DENSITY_FLOOR:g}.",
+        "Hessian eigenvalue density, small and large batch side by side",
+        "Hessian density: no hessian_density probe at 'final' (sharp probe --density)",
+    ),
+    FigureSpec(
+        "noise_scale",
+        lambda c: _any(any(finite(m.get("noise_b_simple")) for r in c.runs for m in r.metrics)),
+        lambda c, _: noise_scale_over_training(c.runs, c.figures_dir, scale=c.scale),
+        "McCandlish et al. 2018: gradient noise scale during training",
+        "Online B_simple = tr(Σ)/|G|² against examples seen; dotted lines are the batch sizes used. "
+        "Batches well below B_simple scale almost perfectly; batches well above it waste examples.",
+        "Gradient noise scale B_simple against examples seen, with the batch sizes used",
+        "Noise scale: no noise_b_simple in metrics.jsonl (sharp train --noise-scale)",
+    ),
+    FigureSpec(
+        "steps_vs_examples",
+        _goals,
+        lambda c, g: steps_vs_examples(c.runs, c.figures_dir, g[0], scale=c.scale, best_per_batch=g[1]),
+        "McCandlish et al. 2018: steps against examples",
+        lambda g: (
+            "Optimizer steps S and examples E = S × B each run needed to reach each goal training loss "
+            f"({', '.join(f'{v:g}' for v in g[0])}), with the fitted (S/S_min − 1)(E/E_min − 1) = 1; "
+            "B_crit = E_min / S_min is in the legend and in steps_vs_examples_fit.csv. S is the step of "
+            "the first evaluation at or below the goal, so it is only as fine as the evaluation interval"
+            + (" (per batch size, the run that reached the goal first)." if g[1] else ".")
+        ),
+        "Steps against examples to reach goal training losses, with fitted hyperbolas",
+        "Steps vs examples: needs three or more batch sizes and a goal loss the runs reach",
+    ),
+    FigureSpec(
+        "ml_accuracy_vs_lr",
+        lambda c: _any(len({r.settings.get("base_lr") for r in c.runs} - {None}) >= 2),
+        lambda c, _: ml_accuracy_vs_lr(c.runs, c.figures_dir, scale=c.scale),
+        "Masters & Luschi 2018: test accuracy against base learning rate",
+        "Test accuracy (median of the last 5 evaluations) against η̃ = η/m, one curve per batch "
+        "size; X at the bottom marks diverged runs.",
+        "Test accuracy against base learning rate per batch size",
+        _ML_LR_MISSING,
+    ),
+    FigureSpec(
+        "ml_best_vs_batch",
+        lambda c: _any(len({r.settings.get("base_lr") for r in c.runs} - {None}) >= 2),
+        lambda c, _: ml_best_vs_batch(c.runs, c.figures_dir, scale=c.scale),
+        "Masters & Luschi 2018: best test accuracy against batch size",
+        "The best test accuracy over η̃ at each batch size, labelled with the η̃ that gave it.",
+        "Best test accuracy over learning rates against batch size",
+        _ML_LR_MISSING,
+    ),
+    FigureSpec(
+        "ml_bn_heatmap",
+        _decoupled_bn,
+        lambda c, _: ml_bn_heatmap(c.runs, c.figures_dir, scale=c.scale),
+        "Masters & Luschi 2018: BN batch against SGD batch",
+        "Test accuracy (best over η̃) for each SGD batch (x) and BN batch (y); X: every run diverged; "
+        "—: not run.",
+        "Heatmap of test accuracy over SGD batch size and BN batch size",
+        "Masters & Luschi BN heatmap: needs one SGD batch size run at two or more BN batch sizes",
+    ),
+    FigureSpec(
+        "accumulation",
+        lambda c: _accumulation_runs(c.runs) or None,
+        lambda c, accumulated: accumulation_curves(accumulated, c.figures_dir, scale=c.scale),
+        "Gradient accumulation against true batches",
+        "Training cross-entropy and test accuracy against examples seen for runs with the same effective "
+        "batch: true batches solid, accumulated micro-batches dashed with markers, one colour per "
+        "effective batch. Exact accumulation makes the curves overlap (exactly so without BN and "
+        "augmentation).",
+        "Learning curves of true and accumulated batches of the same effective size",
+        "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+    ),
+    FigureSpec(
+        "correlation",
+        _sweep_correlation,
+        lambda c, corr: write_correlation(corr.result, c.figures_dir, scale=c.scale)[1:],
+        "Rank correlation with the generalization gap (Jiang et al. 2020)",
+        _correlation_caption,
+        "Kendall's tau of each measure with the generalization gap, with bootstrap intervals",
+    ),
 )
+FIGURES = tuple(spec.name for spec in FIGURE_TABLE)
 
 
 def check_figure_names(names: Iterable[str]) -> list[str]:
@@ -341,205 +595,29 @@ def check_figure_names(names: Iterable[str]) -> list[str]:
     return names
 
 
-def _figures(
-    runs: Sequence[RunRecord],
-    figures_dir: Path,
-    scale: str | None,
-    interpolations: Iterable[dict[str, Any] | str | Path],
-    goal_losses: Sequence[float] | None,
-    only: Collection[str] | None = None,
-) -> tuple[list[Figure], list[str]]:
+def _figures(context: FigureContext, only: Collection[str] | None = None) -> tuple[list[Figure], list[str]]:
     """Draw what the runs support (of the figures named in `only`, when given); return the
     figures and why the others were not drawn."""
     drawn: list[Figure] = []
     skipped: list[str] = []
-    text = describe(runs, scale)
-
-    def wanted(name: str) -> bool:
-        return only is None or name in only
-
-    def skip(names: str | tuple[str, ...], reason: str) -> None:
-        if any(wanted(name) for name in ((names,) if isinstance(names, str) else names)):
-            skipped.append(reason)
-
-    def attempt(name: str, heading: str, caption: str, alt: str, draw: Callable[[], Any]) -> None:
-        if not wanted(name):
-            return
-        try:
-            result = draw()
-        except SharpError as exc:
-            skipped.append(f"{heading}: {exc}")
-            return
-        paths = result[0] if isinstance(result, tuple) else result
-        drawn.append(Figure(heading, caption, alt, [Path(p) for p in paths]))
-
-    eps = _sharpness_eps(runs, epoch_checkpoints=False)
-    probed = [r for r in runs if eps is not None and r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
-    if len(batch_sizes(probed)) >= 2:
-        attempt(
-            "keskar_fig4",
-            "Keskar et al. 2017, Fig. 4: accuracy and sharpness against batch size",
-            f"Final test accuracy (left axis, circles) and full-space ε-sharpness with ε = {eps:g} "
-            "(right axis, squares) against batch size, mean ± std over seeds. Keskar et al. see "
-            f"accuracy fall and sharpness rise past B ≈ {LARGE_BATCH_MIN}.",
-            f"Test accuracy and epsilon-sharpness against batch size ({text})",
-            lambda: keskar_batch_size(runs, figures_dir, eps=eps, scale=scale),
-        )
-    else:
-        skip("keskar_fig4", "Keskar Fig. 4: needs final ε-sharpness probes at two or more batch sizes")
-
-    epoch_eps = _sharpness_eps(runs, epoch_checkpoints=True)
-    if epoch_eps is not None:
-        attempt(
-            "keskar_fig5",
-            "Keskar et al. 2017, Fig. 5/6: sharpness along training",
-            f"Full-space ε-sharpness (ε = {epoch_eps:g}) at each epoch checkpoint against the training "
-            "cross-entropy there; the x-axis is reversed so training proceeds to the right. In the paper "
-            "small-batch sharpness falls as training proceeds and large-batch sharpness rises.",
-            f"Sharpness against training cross-entropy along training, one line per run ({text})",
-            lambda: keskar_sharpness_along_training(runs, figures_dir, eps=epoch_eps, scale=scale),
-        )
-    else:
-        skip(
-            "keskar_fig5", "Keskar Fig. 5/6: needs ε-sharpness probes at epoch checkpoints (--checkpoint all)"
-        )
-
-    for index, item in enumerate(interpolations if wanted("interpolation") else (), start=1):
-        try:
-            record = _load_interpolation(item)
-            title = _interpolation_title(record, runs, scale)
-            png, csv = figures_dir / f"interpolation-{index}.png", figures_dir / f"interpolation-{index}.csv"
-            plot_interpolation(record, png, csv, title=title)
-        except (SharpError, KeyError) as exc:
-            skipped.append(f"Keskar Fig. 3 #{index}: {exc}")
+    for spec in FIGURE_TABLE:
+        if only is not None and spec.name not in only:
             continue
-        drawn.append(
-            Figure(
-                f"Keskar et al. 2017, Fig. 3: interpolation #{index}",
-                "Cross-entropy (left, log) and accuracy (right) along f(α x_l + (1 − α) x_s): train "
-                "solid, test dashed; α = 0 is the small-batch solution x_s, α = 1 the large-batch x_l. "
-                + title
-                + ".",
-                f"Loss and accuracy from the small-batch to the large-batch solution ({title})",
-                [png, csv],
-            )
-        )
-
-    if any(r.probe("hessian_eigenvalues") for r in runs):
-        attempt(
-            "hessian_eigenvalues",
-            "Hessian: top eigenvalues",
-            "Top-k Hessian eigenvalues at the final checkpoint, runs ordered by batch size (log scale).",
-            f"Top Hessian eigenvalues per run ordered by batch size ({text})",
-            lambda: hessian_eigenvalues_plot(runs, figures_dir, scale=scale),
-        )
-    else:
-        skip(
-            "hessian_eigenvalues",
-            "Hessian eigenvalues: no hessian_eigenvalues probe at 'final' (sharp probe --hessian)",
-        )
-    if any(r.probe("hessian_density") for r in runs):
-        attempt(
-            "hessian_density",
-            "Hessian: spectral density",
-            "Smoothed Hessian spectral density (stochastic Lanczos quadrature) at the final checkpoint, one "
-            f"panel per batch size, log density with a floor of {DENSITY_FLOOR:g}.",
-            f"Hessian eigenvalue density, small and large batch side by side ({text})",
-            lambda: hessian_density_plot(runs, figures_dir, scale=scale),
-        )
-    else:
-        skip(
-            "hessian_density", "Hessian density: no hessian_density probe at 'final' (sharp probe --density)"
-        )
-
-    if any(finite(m.get("noise_b_simple")) for r in runs for m in r.metrics):
-        attempt(
-            "noise_scale",
-            "McCandlish et al. 2018: gradient noise scale during training",
-            "Online B_simple = tr(Σ)/|G|² against examples seen; dotted lines are the batch sizes used. "
-            "Batches well below B_simple scale almost perfectly; batches well above it waste examples.",
-            f"Gradient noise scale B_simple against examples seen, with the batch sizes used ({text})",
-            lambda: noise_scale_over_training(runs, figures_dir, scale=scale),
-        )
-    else:
-        skip("noise_scale", "Noise scale: no noise_b_simple in metrics.jsonl (sharp train --noise-scale)")
-
-    goals = list(goal_losses) if goal_losses is not None else default_goal_losses(runs)
-    if goals and len(batch_sizes(runs)) >= 3:  # two points determine the two-parameter fit exactly
-        several = any(len([r for r in runs if r.batch_size == b]) > 1 for b in batch_sizes(runs))
-        attempt(
-            "steps_vs_examples",
-            "McCandlish et al. 2018: steps against examples",
-            "Optimizer steps S and examples E = S × B each run needed to reach each goal training loss "
-            f"({', '.join(f'{g:g}' for g in goals)}), with the fitted (S/S_min − 1)(E/E_min − 1) = 1; "
-            "B_crit = E_min / S_min is in the legend and in steps_vs_examples_fit.csv. S is the step of "
-            "the first evaluation at or below the goal, so it is only as fine as the evaluation interval"
-            + (" (per batch size, the run that reached the goal first)." if several else "."),
-            f"Steps against examples to reach goal training losses, with fitted hyperbolas ({text})",
-            lambda: steps_vs_examples(runs, figures_dir, goals, scale=scale, best_per_batch=several),
-        )
-    else:
-        skip(
-            "steps_vs_examples",
-            "Steps vs examples: needs three or more batch sizes and a goal loss the runs reach",
-        )
-
-    if len({r.settings.get("base_lr") for r in runs if r.settings.get("base_lr") is not None}) >= 2:
-        attempt(
-            "ml_accuracy_vs_lr",
-            "Masters & Luschi 2018: test accuracy against base learning rate",
-            "Test accuracy (median of the last 5 evaluations) against η̃ = η/m, one curve per batch "
-            "size; X at the bottom marks diverged runs.",
-            f"Test accuracy against base learning rate per batch size ({text})",
-            lambda: ml_accuracy_vs_lr(runs, figures_dir, scale=scale),
-        )
-        attempt(
-            "ml_best_vs_batch",
-            "Masters & Luschi 2018: best test accuracy against batch size",
-            "The best test accuracy over η̃ at each batch size, labelled with the η̃ that gave it.",
-            f"Best test accuracy over learning rates against batch size ({text})",
-            lambda: ml_best_vs_batch(runs, figures_dir, scale=scale),
-        )
-    else:
-        skip(
-            ("ml_accuracy_vs_lr", "ml_best_vs_batch"),
-            "Masters & Luschi accuracy vs η̃: needs runs at two or more base_lr values",
-        )
-    decoupled = any(
-        len({r.bn_batch for r in runs if r.batch_size == b and r.bn_batch}) > 1 for b in batch_sizes(runs)
-    )
-    if decoupled:
-        attempt(
-            "ml_bn_heatmap",
-            "Masters & Luschi 2018: BN batch against SGD batch",
-            "Test accuracy (best over η̃) for each SGD batch (x) and BN batch (y); X: every run diverged; "
-            "—: not run.",
-            f"Heatmap of test accuracy over SGD batch size and BN batch size ({text})",
-            lambda: ml_bn_heatmap(runs, figures_dir, scale=scale),
-        )
-    else:
-        skip(
-            "ml_bn_heatmap",
-            "Masters & Luschi BN heatmap: needs one SGD batch size run at two or more BN batch sizes",
-        )
-
-    accumulated = _accumulation_runs(runs)
-    if accumulated:
-        attempt(
-            "accumulation",
-            "Gradient accumulation against true batches",
-            "Training cross-entropy and test accuracy against examples seen for runs with the same effective "
-            "batch: true batches solid, accumulated micro-batches dashed with markers, one colour per "
-            "effective batch. Exact accumulation makes the curves overlap (exactly so without BN and "
-            "augmentation).",
-            f"Learning curves of true and accumulated batches of the same effective size ({text})",
-            lambda: accumulation_curves(accumulated, figures_dir, scale=scale),
-        )
-    else:
-        skip(
-            "accumulation",
-            "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
-        )
+        data = spec.needs(context)
+        if data is None:
+            if spec.missing and spec.missing not in skipped:  # figures sharing a condition say it once
+                skipped.append(spec.missing)
+            continue
+        for item in data if spec.per_item else [data]:
+            heading = _text(spec.heading, item)
+            try:
+                result = spec.draw(context, item)
+            except SharpError as exc:
+                skipped.append(f"{spec.label(item) if spec.label else heading}: {exc}")
+                continue
+            paths = result[0] if isinstance(result, tuple) else result
+            alt = spec.alt(item) if callable(spec.alt) else f"{spec.alt} ({context.text})"
+            drawn.append(Figure(heading, _text(spec.caption, item), alt, [Path(p) for p in paths]))
     return drawn, skipped
 
 
@@ -600,7 +678,8 @@ def build_report(
             "Data: [keskar_tables.csv](figures/keskar_tables.csv).",
         ]
 
-    drawn, skipped = _figures(runs, figures_dir, scale, interpolations, goal_losses, only)
+    context = FigureContext(runs, figures_dir, scale, list(interpolations), goal_losses)
+    drawn, skipped = _figures(context, only)
     lines += ["", "## Figures"]
     for figure in drawn:
         png = next(p for p in figure.paths if p.suffix == ".png")

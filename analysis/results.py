@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -11,26 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    try:
-        with open(path) as handle:
-            for line in handle:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except OSError:
-        pass
-    return records
+from sharp.fileio import read_json, read_jsonl
 
 
 @dataclass
@@ -169,7 +149,7 @@ def _same(a: Any, b: Any) -> bool:
 def load_run(path: str | Path) -> RunRecord:
     """One run directory as a RunRecord (probe files sorted by modification time)."""
     path = Path(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     if config is None:
         raise ValueError(f"{path} is not a run directory (no readable config.json)")
     probe_files = sorted((path / "probes").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
@@ -178,9 +158,9 @@ def load_run(path: str | Path) -> RunRecord:
         settings=config.get("settings", {}),
         derived=config.get("derived", {}),
         environment=config.get("environment", {}),
-        status=_read_json(path / "status.json") or {"state": "unknown"},
-        metrics=[m for m in _read_jsonl(path / "metrics.jsonl") if "step" in m],
-        probes=[r for r in (_read_json(p) for p in probe_files) if r is not None],
+        status=read_json(path / "status.json") or {"state": "unknown"},
+        metrics=[m for m in read_jsonl(path / "metrics.jsonl") if "step" in m],
+        probes=[r for r in (read_json(p) for p in probe_files) if r is not None],
     )
 
 

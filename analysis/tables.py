@@ -109,12 +109,13 @@ def format_mean_std(values: Sequence[float]) -> str:
     return f"{format_number(mean)} ± {format_number(std)} (n={len(values)})"
 
 
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table; a `|` inside a cell is escaped so that it cannot split the cell."""
 
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "\n".join([_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)])
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
 def _paper(pair: tuple[float, float] | None) -> tuple[str, str]:
@@ -203,7 +204,7 @@ def keskar_tables(
     for quantity in ("train_acc", "test_acc"):
         paper_csv("2", quantity, None, None, KESKAR_2017[quantity])
         record("2", quantity, None, None, accuracy[quantity])
-    table2 = _table(("source", "network", "train SB", "train LB", "test SB", "test LB"), rows2)
+    table2 = markdown_table(("source", "network", "train SB", "train LB", "test SB", "test LB"), rows2)
 
     # Table 3: full-space sharpness
     full = {
@@ -228,7 +229,7 @@ def keskar_tables(
         paper_csv("3", "sharpness_full", eps, None, KESKAR_2017["sharpness_full"][eps])
         record("3", "sharpness_full", eps, None, full[eps])
     header = ("source", "network", *(f"ε={eps:g} {n}" for eps in TABLE_EPS for n in ("SB", "LB")))
-    table3 = _table(header, rows3)
+    table3 = markdown_table(header, rows3)
 
     # Table 4: random-subspace sharpness, one of our rows per subspace dimension p probed
     dims = sorted(
@@ -269,7 +270,7 @@ def keskar_tables(
         )
         for eps in TABLE_EPS:
             record("4", "sharpness_subspace", eps, p, sub[eps])
-    table4 = _table(("source", "network", "p", *header[2:]), rows4)
+    table4 = markdown_table(("source", "network", "p", *header[2:]), rows4)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

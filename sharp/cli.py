@@ -162,7 +162,7 @@ def probe(run: str, **settings: Any) -> None:
     if not cfg.any_probe():
         raise SharpError(
             "choose at least one probe: --sharpness, --adaptive, --average, --hessian, --trace, --density, "
-            "--landscape or --noise-scale"
+            "--landscape, --noise-scale or --norms"
         )
     run_probes(run, probe_tasks(cfg), cfg, echo=click.echo)
 
@@ -458,3 +458,48 @@ def report(
         figures=list(figures) or None,
     )
     click.echo(f"report: {path}")
+
+
+@cli.command("correlate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="directory for per_run.csv, correlation.csv, correlation.md and the figures",
+)
+@click.option(
+    "--bootstrap",
+    "n_resamples",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="resamples of the runs behind each τ's 95% interval",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the bootstrap")
+@click.option(
+    "--all-runs", is_flag=True, help="also compare finished runs that did not reach their until_train_loss"
+)
+@click.option("--scale", default=None, help="cpu or full, named in the figures")
+@click.option("--title", default=None, help="title of correlation.md")
+def correlate_command(
+    paths: tuple[str, ...],
+    out: str,
+    n_resamples: int,
+    seed: int,
+    all_runs: bool,
+    scale: str | None,
+    title: str | None,
+) -> None:
+    """Rank-correlate every probed measure with the generalization gap over the runs of sweeps,
+    reproductions or run directories (Kendall's τ and Jiang et al. 2020's granulated τ)."""
+    from analysis.correlate import correlate, load_study, notes, write_correlation
+
+    _check_positive(bootstrap=n_resamples)
+    if scale is not None:
+        _choice(scale, "--scale", ("cpu", "full"))
+    result = correlate(load_study(paths), n_resamples=n_resamples, seed=seed, all_runs=all_runs)
+    for note in notes(result):
+        click.echo(f"sharp: left out: {note[2:]}", err=True)
+    written = write_correlation(result, out, scale=scale, title=title)
+    click.echo(f"wrote {written[0]}: {len(result.rows)} runs, {len(result.measures)} measures")

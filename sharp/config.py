@@ -376,6 +376,9 @@ class ProbeConfig:
     noise_scale: bool = _opt(False, "gradient noise scale B_simple at the checkpoint")
     b_small: int = _opt(32, "small batch of --noise-scale")
     b_big: int = _opt(512, "big batch of --noise-scale")
+    norms: bool = _opt(
+        False, "weight norms: l2, distance from epoch-0000.pt, path norm (no BN), sum of squared Frobenius"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -415,7 +418,9 @@ class ProbeConfig:
         return any(getattr(self, name) for name in PROBE_FLAGS)
 
 
-PROBE_FLAGS = ("sharpness", "adaptive", "average", "hessian", "trace", "density", "landscape", "noise_scale")
+PROBE_FLAGS = (
+    "sharpness", "adaptive", "average", "hessian", "trace", "density", "landscape", "noise_scale", "norms",
+)  # fmt: skip
 
 
 def parse_positive_list(text: str, option: str) -> list[float]:

@@ -1,4 +1,4 @@
-"""Crash-safe file writes, without torch (the analysis package uses them too)."""
+"""Crash-safe file writes and tolerant reads, without torch (the analysis package uses them too)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,17 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def read_json(path: str | Path) -> Any | None:
+    """The JSON value in `path`, or None when the file is missing, unreadable or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, skipping lines that do not parse (a torn last line);
+    [] when the file does not exist."""
     records = []
     with contextlib.suppress(FileNotFoundError), open(path) as handle:
         for line in handle:

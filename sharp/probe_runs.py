@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from sharp.data import Dataset, DeviceLoader, balanced_subset, load_dataset
 from sharp.errors import SharpError
 from sharp.models import build_model
 from sharp.runs import RunDir, atomic_write_json, load_checkpoint
+
+if TYPE_CHECKING:
+    from sharp.probes.norms import NormsResult
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,9 +69,7 @@ class RunData:
         )
 
     def load_model(self, checkpoint: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        state = load_checkpoint(checkpoint)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
+        state = _model_state(load_checkpoint(checkpoint))
         model = self.build_model()
         try:
             model.load_state_dict(state)
@@ -184,7 +185,32 @@ def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
 
         kwargs = dict(b_small=cfg.b_small, b_big=cfg.b_big, seed=cfg.seed)
         tasks.append(ProbeTask(f"noise-scale-b{cfg.b_small}-{cfg.b_big}", gradient_noise_scale, kwargs))
+    if cfg.norms:
+        tasks.append(ProbeTask("weight-norms", run_weight_norms))
     return tasks
+
+
+def _model_state(checkpoint: Any) -> Any:
+    """The model's state dict in a loaded checkpoint (a bare state dict, or one under "model")."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"]
+    return checkpoint
+
+
+def run_weight_norms(model: nn.Module, batches: Batches, *, bn_mode: str, run: RunDir) -> NormsResult:
+    """`weight_norms` with the initial weights from the run's checkpoints/epoch-0000.pt; without that
+    file (or with one that cannot be read) the distance from initialization is None, with the reason."""
+    from sharp.probes.norms import weight_norms
+
+    path = run.epoch_checkpoint(0)
+    if not path.exists():
+        reason = f"{path} does not exist: train with --checkpoint-every K to keep the initial weights"
+        return weight_norms(model, batches, init_missing=reason, bn_mode=bn_mode)
+    try:
+        state = _model_state(load_checkpoint(path))
+    except SharpError as exc:
+        return weight_norms(model, batches, init_missing=str(exc), bn_mode=bn_mode)
+    return weight_norms(model, batches, init=state, init_source=str(path), bn_mode=bn_mode)
 
 
 def run_probes(
@@ -213,7 +239,10 @@ def run_probes(
                 echo(f"skip {out.name}: already computed with these settings")
                 continue
             model = model if model is not None else data.load_model(path, dev, dtype)
-            extra = {"progress": True} if "progress" in inspect.signature(task.func).parameters else {}
+            parameters = inspect.signature(task.func).parameters
+            extra: dict[str, Any] = {"progress": True} if "progress" in parameters else {}
+            if "run" in parameters:  # a probe that reads the run directory (weight norms: epoch-0000.pt)
+                extra["run"] = data.run
             result = task.func(model, batches, bn_mode=bn_mode, **extra, **task.kwargs)
             record = result.to_dict()
             record["provenance"] = {
@@ -236,12 +265,17 @@ def run_probes(
 
 def summarize(record: dict[str, Any]) -> str:
     """The headline number(s) of a probe record, for the terminal."""
-    for key in ("sharpness", "eigenvalues", "trace", "b_simple"):
-        if key in record:
-            value = record[key]
-            if isinstance(value, list):
-                return f"{key} " + ", ".join(f"{v:.4g}" for v in value)
-            return f"{key} {value:.4g}"
+    from analysis.headline import headlines
+
+    parts = []
+    for h in headlines(record):
+        if isinstance(h.value, list):
+            text = ", ".join(f"{v:.4g}" for v in h.value)
+        else:
+            text = "—" if h.value is None else f"{h.value:.4g}"
+        parts.append(f"{h.field} {text}" + ("" if h.stderr is None else f" ± {h.stderr:.2g}"))
+    if parts:
+        return "; ".join(parts)
     if "loss" in record:
         return f"{len(record['loss'])} points"
     return record.get("probe", "")

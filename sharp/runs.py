@@ -33,7 +33,7 @@ import torch
 
 from sharp.config import TrainConfig, make_config, option_name
 from sharp.errors import SharpError
-from sharp.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from sharp.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from sharp.locks import ExclusiveLock
 
 __all__ = ["append_jsonl", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "read_jsonl"]
@@ -125,10 +125,7 @@ class RunDir:
         return self.config.is_file()
 
     def status(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {"state": "unknown"}
+        return read_json(self.status_file) or {"state": "unknown"}
 
     def set_status(self, state: str, **details: Any) -> None:
         atomic_write_json(self.status_file, {"state": state, "time": time.time(), **details})
@@ -232,11 +229,10 @@ class RunDir:
 
     def _holder(self) -> str:
         """Who holds the lock, as its file says (empty for the instant after it was taken)."""
-        try:
-            holder = json.loads(self.lock_file.read_text())
+        holder = read_json(self.lock_file)
+        if isinstance(holder, dict) and {"pid", "host"} <= holder.keys():
             return f"process {holder['pid']} on {holder['host']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process"
+        return "another process"
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

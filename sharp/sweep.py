@@ -27,7 +27,7 @@ from typing import Any
 
 from sharp.config import ProbeConfig, TrainConfig, make_config, read_table
 from sharp.errors import SharpError
-from sharp.fileio import atomic_write_json
+from sharp.fileio import atomic_write_json, read_json
 
 SHORT_NAMES = {
     "batch_size": "B",
@@ -333,21 +333,16 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
 
 def _probe_columns(path: Path) -> dict[str, Any]:
     """Headline numbers of a probe file as CSV columns named after its label."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    from analysis.headline import scalars
+
+    record = read_json(path)
+    if not isinstance(record, dict):
         return {}
     provenance = record.get("provenance", {})
     checkpoint = provenance.get("checkpoint", "final")
     label = provenance.get("task", record.get("probe", "probe"))
     prefix = label if checkpoint == "final" else f"{checkpoint}:{label}"
-    columns = {}
-    for key in ("sharpness", "trace", "stderr", "b_simple"):
-        if isinstance(record.get(key), int | float):
-            columns[f"{prefix}.{key}"] = record[key]
-    if isinstance(record.get("eigenvalues"), list) and record["eigenvalues"]:
-        columns[f"{prefix}.lambda_max"] = record["eigenvalues"][0]
-    return columns
+    return {f"{prefix}.{name}": value for name, value in scalars(record).items()}
 
 
 FINAL_STATES = ("finished", "diverged", "failed", "busy", "lost")

@@ -75,9 +75,10 @@ def make_run(
     n_train=1000,
     dataset="digits",
     model="mlp",
+    settings=None,
 ):
     """One run directory: config.json (settings/derived/environment), metrics.jsonl, status.json,
-    probes/*.json."""
+    probes/*.json; `settings` adds or replaces settings."""
     path = Path(root) / name
     (path / "probes").mkdir(parents=True)
     micro = micro or batch
@@ -109,6 +110,7 @@ def make_run(
         "epochs": 3,
         "steps": None,
         "seed": seed,
+        **(settings or {}),
     }
     derived = {
         "lr": derived_lr,
@@ -200,6 +202,11 @@ def test_analysis_never_imports_torch():
             "hessian",
             "tables",
             "report",
+            "headline",
+            "rank",
+            "correlate",
+            "correlation_figures",
+            "jiang2020",
         )
     )
     code = f"import sys, analysis, {modules}; print('torch' in sys.modules)"
@@ -713,3 +720,31 @@ def test_report_uses_the_given_sb_and_lb_batches(keskar_runs, tmp_path):
     assert "Small batch (SB) = B 32, large batch (LB) = B 1024." in default
     chosen = build_report(keskar_runs, tmp_path / "r", sb_batch=1024, lb_batch=32).read_text()
     assert "Small batch (SB) = B 1024, large batch (LB) = B 32." in chosen
+
+
+# --- headline numbers ----------------------------------------------------------------------------------
+
+
+def test_headline_numbers_of_each_probe_kind_for_the_terminal_the_sweep_table_and_the_report():
+    from analysis.headline import headlines, scalars
+    from analysis.report import _probe_value
+    from sharp.probe_runs import summarize
+
+    noise = {"probe": "noise_scale", "b_simple": None, "b_simple_stderr": None}  # |G|^2 estimate <= 0
+    assert summarize(noise) == "b_simple —" and scalars(noise) == {}
+    trace = {"probe": "hessian_trace", "trace": 12.5, "stderr": 0.25}
+    assert summarize(trace) == "trace 12.5 ± 0.25" and scalars(trace) == {"trace": 12.5, "stderr": 0.25}
+    assert _probe_value(trace) == "12.50 ± 0.25"
+    eig = eigenvalues([3.0, 1.5])
+    assert summarize(eig) == "eigenvalues 3, 1.5" and scalars(eig) == {"lambda_max": 3.0}
+    norms = {"probe": "weight_norms", "l2_norm": 2.0, "distance_from_init": None, "path_norm": "nan"}
+    assert [h.field for h in headlines(norms)] == [
+        "l2_norm",
+        "distance_from_init",
+        "path_norm",
+        "frobenius_sq_sum",
+    ]
+    assert scalars(norms) == {"l2_norm": 2.0}  # None and NaN (kept in JSON as text) are not numbers
+    assert _probe_value(norms) == "l2_norm 2.00; distance_from_init —; path_norm —; frobenius_sq_sum —"
+    scan = {"probe": "random_direction_scan", "loss": [1.0, 2.0]}
+    assert summarize(scan) == "2 points" and _probe_value(scan) == "(figure)" and headlines(scan) == []

@@ -9,6 +9,7 @@ from sharp.probes.common import ProbeModel, ProbeResult, cross_entropy
 from sharp.probes.hessian import HessianOperator, hessian_density, hessian_top_eigenvalues, hessian_trace
 from sharp.probes.landscape import interpolate, make_directions, random_direction_scan
 from sharp.probes.noise import OnlineNoiseScale, gradient_noise_scale
+from sharp.probes.norms import weight_norms
 from sharp.probes.sharpness import adaptive_sharpness, average_sharpness, epsilon_sharpness
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "interpolate",
     "make_directions",
     "random_direction_scan",
+    "weight_norms",
 ]
