@@ -66,6 +66,7 @@ def settings_options(cls: type, names: tuple[str, ...] | None = None) -> Callabl
             if kind is bool:
                 func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
             else:
+                kind = f.metadata.get("parse") or kind  # a parser of its own (--batch-size full)
                 func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
         return func
 

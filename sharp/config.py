@@ -57,6 +57,16 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
+def parse_batch_size(text: str | int) -> int | str:
+    """A --batch-size value: a positive whole number, or `full` (the whole training split)."""
+    if str(text).strip().lower() == "full":
+        return "full"
+    try:
+        return int(text)
+    except ValueError:
+        raise SharpError(f"--batch-size {text!r}: give a whole number of examples or `full`") from None
+
+
 @dataclass
 class TrainConfig:
     """Every setting of one training run; `None` means "derive it" (see `resolve`)."""
@@ -84,7 +94,12 @@ class TrainConfig:
     norm: str = _opt("bn", "normalization layer", NORMS)
     bn_batch: int | None = _opt(None, "ghost BN: normalize groups of g examples (default: micro-batch)")
     # batch
-    batch_size: int = _opt(128, "SGD batch B (examples per optimizer step)")
+    batch_size: int = _opt(
+        128,
+        "SGD batch B (examples per optimizer step), or `full`: the whole training split",
+        parse=parse_batch_size,
+    )
+    full_batch: bool = _opt(False, "full-batch GD: one step per epoch over the whole training split")
     micro_batch: int | None = _opt(
         None, f"memory batch b; gradients accumulate over B/b (default: min(B, {DEFAULT_MICRO_BATCH_CAP}))"
     )
@@ -260,6 +275,9 @@ def validate(cfg: TrainConfig) -> None:
     _check_sam(cfg)
     if not 0 <= cfg.warmup < 1:
         raise SharpError(f"--warmup {cfg.warmup} is a fraction of the steps: choose 0 <= x < 1")
+    if cfg.full_batch:
+        _check_full_batch(cfg)
+        return  # the batch is known once the data is: build() resolves it and validates again
     if cfg.micro_batch is not None and cfg.micro_batch > cfg.batch_size and not cfg.batch_schedule:
         raise SharpError(
             f"--micro-batch {cfg.micro_batch} is larger than --batch-size {cfg.batch_size}: "
@@ -303,6 +321,15 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
+
+
+def _check_full_batch(cfg: TrainConfig) -> None:
+    for name, given in (("batch_schedule", cfg.batch_schedule), ("lr_scaling", cfg.lr_scaling != "none")):
+        if given:
+            raise SharpError(
+                f"--batch-size full takes no {option_name(name)}: the batch is the training split "
+                "(give an absolute --lr)"
+            )
 
 
 def batch_sizes(cfg: TrainConfig) -> list[int]:
@@ -500,6 +527,9 @@ def make_config(file_settings: dict[str, Any], overrides: dict[str, Any], cls: t
             f"unknown setting {unknown[0]!r} in the config: settings are the options of "
             f"`sharp {cls.command}` with underscores"
         )
+    if cls is TrainConfig and merged.get("batch_size") == "full":
+        merged.pop("batch_size")
+        merged["full_batch"] = True
     for name, value in merged.items():
         if isinstance(value, list) and field_types(cls)[name][0] is str:
             merged[name] = ",".join(str(v) for v in value)  # TOML lists for comma-separated options

@@ -16,6 +16,7 @@ of `bn_batch`) is normalized with its own statistics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import math
 import platform
@@ -32,7 +33,7 @@ from torch import nn
 
 from sharp import __version__, runtime
 from sharp.checkpoint import Checkpointer
-from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch
+from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch, validate
 from sharp.data import (
     Dataset,
     DeviceLoader,
@@ -249,6 +250,9 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         if cfg.train_subset
         else torch.arange(len(data.train_labels))
     )
+    if cfg.full_batch:  # full-batch GD: the batch is the training split, known now
+        cfg = dataclasses.replace(cfg, batch_size=len(train_index))
+        validate(dataclasses.replace(cfg, full_batch=False))  # the checks that needed the batch
     dtype = runtime.parameter_dtype(cfg.precision)
 
     torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)

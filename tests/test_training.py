@@ -288,3 +288,27 @@ def test_batch_statistics_nets_evaluate_in_batches_of_5000_unless_told(synthetic
     whole = training.evaluate(t.model, t.test.batches(5000))
     pieces = training.evaluate(t.model, t.test.batches(8))
     assert abs(whole[0] - pieces[0]) > 1e-4
+
+
+def test_full_batch_is_one_step_of_plain_gradient_descent(tmp_path, digits):
+    from click.testing import CliRunner
+
+    from sharp.cli import cli
+
+    out = tmp_path / "gd"
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--norm", "none", "--precision", "fp64"]
+    args += ["--batch-size", "full", "--micro-batch", "500", "--steps", "1", "--lr", "0.5", "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["full_batch"] and config["derived"]["effective_batch"] == 1437
+    # the reference: the gradient of the mean loss over all 1437 examples, in one pass
+    t = build(TrainConfig(dataset="digits", model="mlp", norm="none", precision="fp64", lr=0.5), digits)
+    x = t.train_loader.normalize(t.train_loader.images)
+    start = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    F.cross_entropy(t.model(x), t.train_loader.labels).backward()
+    final = torch.load(out / "final.pt", weights_only=True)
+    for name, p in t.model.named_parameters():
+        assert torch.allclose(final[name], start[name] - 0.5 * p.grad, rtol=0, atol=1e-13)  # fp64 rounding
+    line = CliRunner().invoke(cli, [*args[:-2], "--lr-scaling", "linear", "--base-lr", "0.1"])
+    assert line.exit_code == 2 and "--batch-size full takes no --lr-scaling" in line.output
