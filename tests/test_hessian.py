@@ -436,8 +436,8 @@ def test_results_record_settings_and_serialize():
     assert eig.eigenvectors.shape == (2, eig.settings["n_params"])
     trace = json.loads(hessian_trace(model, batches, maxiter=12).to_json())
     assert trace["settings"]["min_samples"] == 10 and len(trace["samples"]) == 12
-    density = json.loads(hessian_density(model, batches, n_iter=5, grid_size=50).to_json())
-    assert len(density["density"]) == 50 and density["settings"]["n_iter"] == 5
+    density = json.loads(hessian_density(model, batches, n_iter=5, grid_size=200).to_json())
+    assert len(density["density"]) == 200 and density["settings"]["n_iter"] == 5
 
 
 def test_seeded_runs_repeat():

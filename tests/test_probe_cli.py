@@ -100,7 +100,7 @@ def test_probe_every_epoch_checkpoint(runs):
         (["--sharpness", "--eps", "0"], "--eps '0'"),
         (["--hessian", "--method", "arnoldi"], "--method 'arnoldi' is unknown"),
         (["--hessian", "--bn-mode", "train"], "--bn-mode 'train' is unknown"),
-        (["--noise-scale", "--probe-set", "64"], "exceed --probe-set 64"),
+        (["--noise-scale", "--noise-pool", "probe-set", "--probe-set", "64"], "exceed --probe-set 64"),
         (["--hessian", "--checkpoint", "nope.pt"], "--checkpoint nope.pt: no such file"),
         (["--sharpness", "--no-full-space"], "--no-full-space needs --subspace"),
         (["--hessian", "--top-k", "0"], "--top-k 0 must be positive"),
