@@ -149,9 +149,10 @@ def test_recompute_in_a_probe_happens_once_at_the_given_weights():
     assert gen_pm.loss() == pytest.approx(pm.loss(), rel=1e-15)
 
 
-def reference_group_loss(model, batches, groups):
+def reference_group_loss(model, batches, groups, gradient=False):
     """Mean loss with each consecutive group normalized by its own statistics (train-mode BN on a
-    copy that keeps no running statistics, dropout-free nets), weighted by group size."""
+    copy that keeps no running statistics, dropout-free nets), weighted by group size; with
+    `gradient`, also its flat gradient by autograd."""
     ref = copy.deepcopy(model)
     for m in ref.modules():
         if isinstance(m, BatchNorm):
@@ -160,11 +161,14 @@ def reference_group_loss(model, batches, groups):
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     total, start = 0.0, 0
-    with torch.no_grad():
-        for size in groups:
-            total += float(F.cross_entropy(ref(x[start : start + size]), y[start : start + size])) * size
-            start += size
-    return total / len(y)
+    for size in groups:
+        total = total + F.cross_entropy(ref(x[start : start + size]), y[start : start + size]) * size
+        start += size
+    loss = total / len(y)
+    if not gradient:
+        return float(loss)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    return float(loss), torch.cat([g.reshape(-1) for g in grads])
 
 
 def test_batch_mode_normalizes_groups_of_bn_batch():
@@ -183,7 +187,9 @@ def test_batch_mode_normalizes_groups_of_bn_batch():
         ProbeModel(model, batches_of([11]), bn_mode="batch", bn_batch=5)
     # gradients of chunks in batch mode use the same groups (adaptive sharpness, noise scale)
     loss, grad = pm.batch_gradient((torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])))
-    assert loss == pytest.approx(reference_group_loss(model, data, [5, 5, 5, 5, 3]), rel=1e-13)
+    ref_loss, ref_grad = reference_group_loss(model, data, [5, 5, 5, 5, 3], gradient=True)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)  # float64: rounding only
 
 
 class StatLess(nn.Module):
