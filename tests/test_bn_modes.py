@@ -166,9 +166,9 @@ def reference_group_loss(model, batches, groups, gradient=False):
         start += size
     loss = total / len(y)
     if not gradient:
-        return float(loss)
+        return float(loss.detach())
     grads = torch.autograd.grad(loss, list(ref.parameters()))
-    return float(loss), torch.cat([g.reshape(-1) for g in grads])
+    return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
 
 
 def test_batch_mode_normalizes_groups_of_bn_batch():

@@ -145,7 +145,7 @@ def exact_bn_statistics(model, batches):
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for layer in layers:  # definition order is forward order in these nets
         seen = []
-        handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        handle = layer.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].detach()))
         with torch.no_grad():
             for x, _ in batches:
                 model(x)
