@@ -17,6 +17,8 @@ What this bridge does around pyhessian 0.1 as released (see REFERENCE.md for its
 from __future__ import annotations
 
 import contextlib
+import importlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,13 +29,13 @@ from sharp.probes.common import ProbeModel
 
 
 def _module() -> Any:
+    """The module pyhessian.hessian (the package's attribute of that name is the class)."""
     try:
-        import pyhessian.hessian as module
+        return importlib.import_module("pyhessian.hessian")
     except ImportError:
         raise SharpError(
             "pyhessian is not installed: pip install pyhessian, or use --method lanczos"
         ) from None
-    return module
 
 
 @contextlib.contextmanager
@@ -62,7 +64,11 @@ def _pyhessian(probe: ProbeModel, seed: int) -> Iterator[tuple[Any, dict[str, in
         module.hessian.dataloader_hv_product = count_loader
         try:
             data = {"data": probe.batches[0]} if len(probe.batches) == 1 else {"dataloader": probe.batches}
-            yield module.hessian(probe.model, probe.loss_fn, cuda=cuda, **data), counted
+            with warnings.catch_warnings():
+                # its backward(create_graph=True) warns of a reference cycle through .grad; the
+                # gradients are cleared below, which breaks it as the warning recommends
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                yield module.hessian(probe.model, probe.loss_fn, cuda=cuda, **data), counted
         finally:
             module.hessian_vector_product = single_hvp
             module.hessian.dataloader_hv_product = loader_hvp
