@@ -27,7 +27,9 @@ from sharp.probes.landscape import (
     save_directions,
 )
 
-TOL = 1e-12
+TOL = 1e-12  # float64 losses of tiny nets computed two ways (batch order, summation): rounding only
+# Accuracies are compared with ==: both sides count correct predictions of the same float64
+# outputs (ratios of the same integers), and no logit lies within rounding of a tie here.
 
 
 def make_batches(sizes, seed, classes=3, size=8):
@@ -239,6 +241,7 @@ def test_interpolate_without_bn_modes_agree_and_callers_untouched(probe_sets):
     alphas = [-0.5, 0.0, 0.5, 1.0, 1.5]
     results = [interpolate(a, b, train, test, alphas, bn=mode) for mode in ("recompute", "interpolate", "a")]
     for res in results[1:]:
+        # without BN the three modes run the same arithmetic: bit-for-bit equality is the claim
         assert res.train_loss == results[0].train_loss and res.test_loss == results[0].test_loss
         assert res.train_acc == results[0].train_acc and res.test_acc == results[0].test_acc
     sd = {k: 0.5 * v + 0.5 * b.state_dict()[k] for k, v in a.state_dict().items()}
@@ -267,6 +270,7 @@ def test_interpolate_rejects_mismatched_architectures(probe_sets):
 
 def test_parse_alphas():
     grid = parse_alphas("-1:2:25")
+    # linspace returns its endpoints exactly, and 0 and 1 are snapped: exact by construction
     assert len(grid) == 25 and grid[0] == -1.0 and grid[-1] == 2.0
     assert 0.0 in grid and 1.0 in grid
     assert grid == pytest.approx([-1 + 3 * i / 24 for i in range(25)], abs=1e-15)
@@ -372,7 +376,7 @@ def test_scans_match_hand_perturbed_models(tmp_path):
     loaded, meta = load_directions(path)
     assert meta == {"seed": 3, "model": "convnet"}
     again = random_direction_scan(model, batches, alphas, betas, directions=loaded)
-    assert again.loss == two.loss and again.accuracy == two.accuracy
+    assert again.loss == two.loss and again.accuracy == two.accuracy  # the same draws: bit-for-bit
 
     # another model of the same architecture gets the draws normalized to ITS filters
     other = bn_net(7, 2)

@@ -194,7 +194,7 @@ def test_interp_between_two_runs(runs, tmp_path):
     assert record["test_loss"][2] == pytest.approx(RunDir(runs / "sb").status()["test_loss"], rel=1e-5)
     with open(out / "interp.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 7 and float(rows[0]["alpha"]) == -1.0
+    assert len(rows) == 7 and float(rows[0]["alpha"]) == -1.0  # a grid endpoint, written exactly
     assert (out / "interp.png").stat().st_size > 10_000
     again = invoke("interp", runs / "sb", runs / "lb", "--out", out)
     assert again.exit_code == 2 and "--overwrite" in again.output
