@@ -38,7 +38,6 @@ from sharp.probes.common import (
     ProbeModel,
     ProbeResult,
     cross_entropy,
-    prepare_batches,
 )
 from sharp.progress import progress_bar
 
@@ -213,7 +212,8 @@ def interpolate(
     train = ProbeModel(model_a, train_batches, loss_fn, bn_mode=mode, bn_batch=bn_batch)
     test = ProbeModel(model_a, test_batches, loss_fn, bn_mode=mode, bn_batch=bn_batch)
     if bn == "recompute":
-        bn_set = prepare_batches(train.model, bn_data) if bn_data is not None else train.batches
+        # moved to the model's device batch by batch, re-read at each alpha (a generator once, into a list)
+        bn_set = train.batches if bn_data is None else list(bn_data) if iter(bn_data) is bn_data else bn_data
     elif bn_data is not None:
         raise SharpError(f"bn_data is used by bn 'recompute' only, not {bn!r}")
 
@@ -225,7 +225,8 @@ def interpolate(
         for name, _ in module.named_buffers(recurse=False)
     }
     sd_a = {k: v.detach().clone() for k, v in train.model.state_dict().items()}
-    sd_b = {k: model_b.state_dict()[k].detach().to(device=v.device, dtype=v.dtype) for k, v in sd_a.items()}
+    state_b = model_b.state_dict()
+    sd_b = {k: state_b[k].detach().to(device=v.device, dtype=v.dtype) for k, v in sd_a.items()}
 
     def blended(key: str) -> bool:
         if key in param_names:
@@ -245,7 +246,7 @@ def interpolate(
     norm_b = math.sqrt(sum(float(sd_b[k].double().pow(2).sum()) for k in param_names))
 
     layers = len(bn_layers(train.model))
-    bn_updates = 0
+    bn_updates, bn_examples = 0, None
     out: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
     for alpha in progress_bar(alpha_list, desc="interpolating", unit="point", enabled=progress):
         c_a, c_b = path_coefficients(alpha, path)
@@ -258,7 +259,7 @@ def interpolate(
                 state[key] = sd_a[key] * c_a + sd_b[key] * c_b
         train.model.load_state_dict(state)
         if bn == "recompute" and layers:
-            recompute_bn_statistics(train.model, bn_set)
+            bn_examples = recompute_bn_statistics(train.model, bn_set)["examples"]
             bn_updates += 1
         test.model.load_state_dict(train.model.state_dict())
         loss, acc = train.loss_and_accuracy()
@@ -278,7 +279,7 @@ def interpolate(
         n_test_examples=test.n_examples,
         bn_buffers=BN_BUFFER_TEXT[bn],
         bn_batches=("train" if bn_data is None else "given") if bn == "recompute" else None,
-        n_bn_examples=sum(len(t) for _, t in bn_set) if bn == "recompute" else None,
+        n_bn_examples=bn_examples,
         bn_batch=bn_batch,
         has_bn=bool(layers),
         norm_a=norm_a,
