@@ -11,7 +11,7 @@ What this bridge does around pyhessian 0.1 as released (see REFERENCE.md for its
   for the call (seeded by `seed`, the model's dtype) and restored afterwards;
 - it reports no iteration count: its HVPs are counted by wrapping the two functions that
   compute them for the duration of the call;
-- `density()` calls `torch.eig`, removed from torch, and is refused.
+- `density()` calls `torch.eig`, removed from torch: `sharp probe` refuses it (ProbeConfig).
 """
 
 from __future__ import annotations
@@ -95,12 +95,4 @@ def pyhessian_trace(probe: ProbeModel, maxiter: int, tol: float, seed: int) -> t
     return [float(x) for x in samples], counted["hvp"]
 
 
-def refuse_density() -> None:
-    """PyHessian's density() cannot run with this torch."""
-    raise SharpError(
-        "--density has no pyhessian method: pyhessian 0.1's density() calls torch.eig, which torch "
-        "removed; use --method lanczos for the density"
-    )
-
-
-__all__ = ["pyhessian_eigenvalues", "pyhessian_trace", "refuse_density"]
+__all__ = ["pyhessian_eigenvalues", "pyhessian_trace"]
