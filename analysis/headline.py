@@ -13,12 +13,12 @@ from typing import Any
 
 # kind -> ((field, field of its standard error or None), ...), in the order they are shown
 HEADLINE_FIELDS: dict[str, tuple[tuple[str, str | None], ...]] = {
-    "epsilon_sharpness": (("sharpness", None),),
-    "adaptive_sharpness": (("sharpness", None),),
+    "epsilon_sharpness": (("sharpness", "sharpness_std"),),  # spread over its L-BFGS-B starts
+    "adaptive_sharpness": (("sharpness", "stderr"),),
     "average_sharpness": (("sharpness", "stderr"),),
     "hessian_eigenvalues": (("eigenvalues", None),),
     "hessian_trace": (("trace", "stderr"),),
-    "noise_scale": (("b_simple", "b_simple_stderr"),),
+    "noise_scale": (("b_simple", "b_simple_std"),),  # spread over repeated blocks of draws
     "weight_norms": (
         ("l2_norm", None),
         ("distance_from_init", None),

@@ -1,7 +1,11 @@
 """Keskar et al. 2017's Tables 2-4 as Markdown, this project's runs next to the paper's numbers.
 
 Numbers are mean ± sample std (ddof = 1) over the runs (seeds) of each batch size, with the run
-count; a run with no matching probe counts as missing, and a cell with no value is "—".
+count; a run with no matching probe counts as missing, and a cell with no value is "—". When the
+sharpness was probed in more than one BN mode (running statistics "eval", statistics
+recomputed at the final weights "recompute", batch statistics "batch"), Tables 3 and 4 give one
+row per mode and a row of recompute ÷ eval, so a reader sees how much the stale running
+statistics moved each number.
 """
 
 from __future__ import annotations
@@ -11,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from analysis.keskar import final_sharpness
 from analysis.results import RunRecord, checkpoint_of, describe, mean_std
-from analysis.style import write_csv
+from analysis.style import finite, write_csv
 from sharp.errors import SharpError
 
 DASH = "—"
@@ -87,6 +90,12 @@ KESKAR_2017: dict[str, Any] = {
     },
 }
 TABLE_EPS = (1e-3, 5e-4)
+BN_MODE_ORDER = ("eval", "recompute", "batch")
+BN_MODE_TEXT = {
+    "eval": "BN: running statistics",
+    "recompute": "BN: recomputed",
+    "batch": "BN: batch statistics",
+}
 
 
 def format_number(value: float | None) -> str:
@@ -118,6 +127,41 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
+def _bn_mode(record: dict[str, Any]) -> str:
+    """A probe record's BN mode: its own field, else its provenance's, else "eval" (the only mode
+    there was before BN modes were recorded)."""
+    return record.get("bn_mode") or record.get("provenance", {}).get("bn_mode") or "eval"
+
+
+def _sharpness(run: RunRecord, eps: float, subspace_dim: int | None, bn_mode: str) -> float | None:
+    """The newest epsilon-sharpness (percent) of `run` at its final checkpoint in `bn_mode`, or None."""
+    found = [
+        rec
+        for rec in run.probes_of("epsilon_sharpness", eps=eps, subspace_dim=subspace_dim)
+        if checkpoint_of(rec) == "final" and _bn_mode(rec) == bn_mode
+    ]
+    return finite(found[-1].get("sharpness")) if found else None
+
+
+def _bn_modes(runs: Sequence[RunRecord]) -> list[str]:
+    """The BN modes of the runs' final epsilon-sharpness probes, in BN_MODE_ORDER ("eval" if none)."""
+    found = {
+        _bn_mode(rec)
+        for r in runs
+        for rec in r.probes_of("epsilon_sharpness")
+        if checkpoint_of(rec) == "final"
+    }
+    return [m for m in BN_MODE_ORDER if m in found] or ["eval"]
+
+
+def _ratio(recompute: list[float], stale: list[float]) -> str:
+    """mean(recompute) / mean(eval), two decimals; "—" when either is missing or eval's is 0."""
+    if not recompute or not stale:
+        return DASH
+    denominator = mean_std(stale)[0]
+    return DASH if denominator == 0 else f"{mean_std(recompute)[0] / denominator:.2f}×"
+
+
 def _paper(pair: tuple[float, float] | None) -> tuple[str, str]:
     return (DASH, DASH) if pair is None else (format_number(pair[0]), format_number(pair[1]))
 
@@ -146,7 +190,12 @@ def keskar_tables(
     csv_rows: list[list[Any]] = []
 
     def record(
-        table: str, quantity: str, eps: float | None, p: int | None, values: dict[str, list[float]]
+        table: str,
+        quantity: str,
+        eps: float | None,
+        p: int | None,
+        values: dict[str, list[float]],
+        bn_mode: str | None = None,
     ) -> None:
         for name, batch in (("SB", sb_batch), ("LB", lb_batch)):
             mean, std = mean_std(values[name])
@@ -163,6 +212,7 @@ def keskar_tables(
                     len(values[name]),
                     None if math.isnan(mean) else mean,
                     None if math.isnan(std) else std,
+                    bn_mode,
                 ]
             )
 
@@ -171,7 +221,9 @@ def keskar_tables(
     ) -> None:
         for key, pair in pairs.items():
             for name, value in zip(("SB", "LB"), pair, strict=True):
-                csv_rows.append([table, PAPER, networks[key], quantity, eps, p, name, None, 5, value, None])
+                csv_rows.append(
+                    [table, PAPER, networks[key], quantity, eps, p, name, None, 5, value, None, None]
+                )
 
     # Table 2: accuracy
     accuracy = {
@@ -206,14 +258,42 @@ def keskar_tables(
         record("2", quantity, None, None, accuracy[quantity])
     table2 = markdown_table(("source", "network", "train SB", "train LB", "test SB", "test LB"), rows2)
 
-    # Table 3: full-space sharpness
-    full = {
-        eps: {
-            name: [s for r in group if (s := final_sharpness(r, eps, None)) is not None]
+    modes = _bn_modes(sb + lb)
+    several = len(modes) > 1
+
+    def label(mode: str) -> str:
+        return f"**{THIS_RUN}**" + (f", {BN_MODE_TEXT[mode]}" if several else "")
+
+    def measured(eps: float, p: int | None, mode: str) -> dict[str, list[float]]:
+        return {
+            name: [s for r in group if (s := _sharpness(r, eps, p, mode)) is not None]
             for name, group in (("SB", sb), ("LB", lb))
         }
-        for eps in TABLE_EPS
-    }
+
+    def our_rows(p: int | None, prefix: list[str], table: str, quantity: str) -> list[list[str]]:
+        values = {mode: {eps: measured(eps, p, mode) for eps in TABLE_EPS} for mode in modes}
+        rows = [
+            [
+                label(mode),
+                ours,
+                *prefix,
+                *(format_mean_std(values[mode][e][n]) for e in TABLE_EPS for n in ("SB", "LB")),
+            ]
+            for mode in modes
+        ]
+        for mode in modes:
+            for eps in TABLE_EPS:
+                record(table, quantity, eps, p, values[mode][eps], mode)
+        if "eval" in modes and "recompute" in modes:
+            ratios = [
+                _ratio(values["recompute"][e][n], values["eval"][e][n])
+                for e in TABLE_EPS
+                for n in ("SB", "LB")
+            ]
+            rows.append(["recompute ÷ eval", ours, *prefix, *ratios])
+        return rows
+
+    # Table 3: full-space sharpness
     rows3 = [
         [
             PAPER,
@@ -222,12 +302,9 @@ def keskar_tables(
         ]
         for key in networks
     ]
-    rows3.append(
-        [f"**{THIS_RUN}**", ours, *(format_mean_std(full[eps][n]) for eps in TABLE_EPS for n in ("SB", "LB"))]
-    )
     for eps in TABLE_EPS:
         paper_csv("3", "sharpness_full", eps, None, KESKAR_2017["sharpness_full"][eps])
-        record("3", "sharpness_full", eps, None, full[eps])
+    rows3 += our_rows(None, [], "3", "sharpness_full")
     header = ("source", "network", *(f"ε={eps:g} {n}" for eps in TABLE_EPS for n in ("SB", "LB")))
     table3 = markdown_table(header, rows3)
 
@@ -252,24 +329,13 @@ def keskar_tables(
     ]
     for eps in TABLE_EPS:
         paper_csv("4", "sharpness_subspace", eps, paper_p, KESKAR_2017["sharpness_subspace"][eps])
-    for p in dims or [None]:
-        sub = {
-            eps: {
-                name: [s for r in group if p is not None and (s := final_sharpness(r, eps, p)) is not None]
-                for name, group in (("SB", sb), ("LB", lb))
-            }
-            for eps in TABLE_EPS
-        }
-        rows4.append(
-            [
-                f"**{THIS_RUN}**",
-                ours,
-                DASH if p is None else str(p),
-                *(format_mean_std(sub[eps][n]) for eps in TABLE_EPS for n in ("SB", "LB")),
-            ]
-        )
+    if dims:
+        for p in dims:
+            rows4 += our_rows(p, [str(p)], "4", "sharpness_subspace")
+    else:
+        rows4.append([label(modes[0]), ours, DASH, *([DASH] * 2 * len(TABLE_EPS))])
         for eps in TABLE_EPS:
-            record("4", "sharpness_subspace", eps, p, sub[eps])
+            record("4", "sharpness_subspace", eps, None, {"SB": [], "LB": []}, modes[0])
     table4 = markdown_table(("source", "network", "p", *header[2:]), rows4)
 
     out_dir = Path(out_dir)
@@ -288,6 +354,7 @@ def keskar_tables(
             "n_runs",
             "mean",
             "std",
+            "bn_mode",
         ),
         csv_rows,
     )
@@ -295,6 +362,12 @@ def keskar_tables(
         f"Paper numbers: {KESKAR_2017['citation']} (means of 5 trials; SB = 256, LB = 10% of the training "
         "set). This run: mean ± sample std over seeds (n runs), final checkpoint; sharpness in %; "
         "— = not measured."
+        + (
+            " BN: running statistics = as accumulated in training; recomputed = recomputed at the final "
+            "weights from the training split; recompute ÷ eval = ratio of the means."
+            if several
+            else ""
+        )
     )
     return "\n\n".join(
         [

@@ -178,10 +178,28 @@ def probe(run: str, **settings: Any) -> None:
     help="start:stop:count (or a comma list) of alpha; 0 is RUN_A, 1 is RUN_B",
 )
 @click.option(
+    "--path",
+    "path_kind",
+    default="line",
+    show_default=True,
+    help="line: (1-alpha) RUN_A + alpha RUN_B (Fig. 3); sin: cos(alpha pi/2) RUN_A + sin(alpha pi/2) "
+    "RUN_B (Fig. 7)",
+)
+@click.option(
     "--bn",
     default="recompute",
     show_default=True,
-    help="BN buffers at each alpha: recompute (on training data), interpolate, or a (RUN_A's)",
+    help="BN at each alpha: recompute (from the training split), interpolate (variances in log space), "
+    "a (RUN_A's), or batch (statistics of each group of --bn-batch examples)",
+)
+@click.option(
+    "--bn-batch", type=int, default=None, help="--bn batch: examples per BN group (default: eval_batch)"
+)
+@click.option(
+    "--bn-set",
+    type=int,
+    default=None,
+    help="--bn recompute: a seeded subset of N training examples (default: all)",
 )
 @click.option("--checkpoint", default="final", show_default=True, help="checkpoint of both runs")
 @click.option(
@@ -189,7 +207,7 @@ def probe(run: str, **settings: Any) -> None:
     type=int,
     default=2048,
     show_default=True,
-    help="seeded training subset evaluated (and used to recompute BN)",
+    help="seeded training subset evaluated",
 )
 @click.option("--test-set", type=int, default=None, help="seeded test subset (default: the whole test split)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the subsets")
@@ -203,7 +221,10 @@ def interp(
     run_a: str,
     run_b: str,
     alphas: str,
+    path_kind: str,
     bn: str,
+    bn_batch: int | None,
+    bn_set: int | None,
     checkpoint: str,
     train_set: int,
     test_set: int | None,
@@ -213,17 +234,26 @@ def interp(
     out: str,
     overwrite: bool,
 ) -> None:
-    """Loss and accuracy along (1-alpha)*RUN_A + alpha*RUN_B (Keskar et al., Fig. 3)."""
+    """Loss and accuracy along the path from RUN_A (alpha 0) to RUN_B (alpha 1) (Keskar et al., Fig. 3/7)."""
     from sharp.probe_runs import run_interpolation
+    from sharp.probes.landscape import BN_BUFFER_MODES, PATHS
 
-    _check_positive(train_set=train_set, test_set=test_set)
-    _choice(bn, "--bn", ("recompute", "interpolate", "a"))
+    _check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
+    _choice(bn, "--bn", BN_BUFFER_MODES)
+    _choice(path_kind, "--path", PATHS)
     _choice(precision, "--precision", ("fp32", "fp64"))
+    if bn_batch is not None and (bn != "batch" or bn_batch < 2):
+        raise SharpError(
+            f"--bn-batch {bn_batch} sets the BN groups of --bn batch: use it with --bn batch, >= 2"
+        )
     paths = run_interpolation(
         run_a,
         run_b,
         alphas=alphas,
         bn=bn,
+        path=path_kind,
+        bn_batch=bn_batch,
+        bn_set=bn_set,
         checkpoint=checkpoint,
         train_set=train_set,
         test_set=test_set,

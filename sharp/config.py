@@ -46,7 +46,9 @@ WARMUP_STYLES = ("ml", "goyal")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp64")
-BN_MODES = ("eval", "batch")
+BN_MODES = ("eval", "recompute", "batch")  # probe BN statistics (sharp.probes.bn); defined here only
+HESSIAN_METHODS = ("lanczos", "power", "pyhessian")
+NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
 DEFAULT_MICRO_BATCH_CAP = 512
 DEFAULT_EPOCHS = 10
@@ -373,9 +375,25 @@ class ProbeConfig:
     probe_set: int = _opt(1024, "size of the seeded class-balanced training subset probed (no augmentation)")
     probe_seed: int = _opt(0, "seed of the probe set")
     probe_batch: int = _opt(256, "batch size of the probe passes")
-    bn_mode: str = _opt("eval", "BN statistics: running (eval) or each probe batch's own (batch)", BN_MODES)
+    bn_mode: str = _opt(
+        "eval",
+        "BN statistics: running (eval), recomputed at the probed weights from the training split "
+        "(recompute), or each BN group's own (batch, groups of --bn-batch)",
+        BN_MODES,
+    )
+    bn_batch: int | None = _opt(
+        None,
+        "--bn-mode batch: normalize groups of N consecutive probe examples (default: the run's eval_batch)",
+    )
+    bn_set: int | None = _opt(
+        None,
+        "--bn-mode recompute: a seeded subset of N training examples instead of the whole training split",
+    )
     device: str = _opt("auto", "device", DEVICES)
     precision: str = _opt("fp32", "fp32 or fp64", ("fp32", "fp64"))
+    tf32: bool = _opt(False, "allow TF32 matmuls and convolutions on CUDA (probes keep it off)")
+    deterministic: bool = _opt(False, "deterministic kernels during the probes")
+    threads: int | None = _opt(None, "CPU threads during the probes (default: as the process has)")
     seed: int = _opt(0, "seed of the probes' random draws")
     sharpness: bool = _opt(False, "Keskar's epsilon-sharpness (L-BFGS-B over the box)")
     eps: str = _opt("1e-3,5e-4", "epsilon values of --sharpness")
@@ -383,15 +401,29 @@ class ProbeConfig:
         None, "also measure sharpness in a random subspace of this dimension (Keskar: 100)"
     )
     full_space: bool = _opt(True, "measure full-space sharpness")
-    maxiter: int = _opt(10, "L-BFGS-B iterations of --sharpness")
+    maxiter: int = _opt(10, "L-BFGS-B iterations per start of --sharpness")
+    random_starts: int = _opt(
+        1, "seeded random L-BFGS-B starts besides y = 0 (their spread is the uncertainty)"
+    )
     adaptive: bool = _opt(False, "worst-case adaptive sharpness (Andriushchenko et al.)")
     average: bool = _opt(False, "average-case adaptive sharpness (Gaussian perturbations)")
-    rho: str = _opt("0.0005", "radii of --adaptive and --average")
+    rho: str | None = _opt(None, "radii of --adaptive (default: the paper's smallest for --adaptive-norm)")
     adaptive_norm: str = _opt("linf", "norm of --adaptive", ("linf", "l2"))
+    average_rho: str | None = _opt(
+        None, "radii of --average (default: the paper's smallest for --average-norm)"
+    )
+    average_norm: str = _opt("l2", "norm of --average: Gaussian (l2) or uniform (linf) noise", ("linf", "l2"))
     hessian: bool = _opt(False, "top Hessian eigenvalues")
     top_k: int = _opt(5, "number of eigenvalues of --hessian")
-    method: str = _opt("lanczos", "eigenvalue method (power is PyHessian's)", ("lanczos", "power"))
+    method: str = _opt(
+        "lanczos",
+        "eigenvalue method (power: PyHessian's algorithm; pyhessian: PyHessian itself, also for --trace)",
+        HESSIAN_METHODS,
+    )
     tol: float = _opt(1e-3, "relative tolerance of --hessian")
+    keep_graph: bool | None = _opt(
+        None, "keep the double-backward graph of the whole probe set (default: up to 1024 examples)"
+    )
     trace: bool = _opt(False, "Hessian trace (Hutchinson) with its standard error")
     trace_samples: int = _opt(100, "at most this many Rademacher vectors (HVPs) for --trace")
     density: bool = _opt(False, "Hessian spectral density (stochastic Lanczos quadrature)")
@@ -405,6 +437,12 @@ class ProbeConfig:
     b_big: int = _opt(512, "big batch of --noise-scale")
     norms: bool = _opt(
         False, "weight norms: l2, distance from epoch-0000.pt, path norm (no BN), sum of squared Frobenius"
+    )
+    noise_pool: str = _opt(
+        "train", "--noise-scale draws its batches from the whole training split or the probe set", NOISE_POOLS
+    )
+    reparam_check: float | None = _opt(
+        None, "also run every probe at weights rescaled by ALPHA (same function; Dinh et al. 2017)"
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,19 +461,40 @@ class ProbeConfig:
             "trace_samples",
             "density_iter",
             "density_runs",
+            "bn_set",
+            "threads",
+            "reparam_check",
         )
         check_positive(**{name: getattr(self, name) for name in positive})
+        if self.random_starts < 0:
+            raise SharpError(f"--random-starts {self.random_starts} must be zero or positive")
         if self.trace_samples < 2:
             raise SharpError(
                 f"--trace-samples {self.trace_samples}: a standard error needs at least 2 samples"
             )
         parse_positive_list(self.eps, "--eps")
-        parse_positive_list(self.rho, "--rho")
+        for name in ("rho", "average_rho"):
+            if getattr(self, name) is not None:
+                parse_positive_list(getattr(self, name), option_name(name))
+        if self.bn_batch is not None and (self.bn_mode != "batch" or self.bn_batch < 2):
+            raise SharpError(
+                f"--bn-batch {self.bn_batch} sets the BN groups of --bn-mode batch: use it with "
+                "--bn-mode batch and a group of at least 2"
+            )
+        if self.bn_set is not None and self.bn_mode != "recompute":
+            raise SharpError(
+                "--bn-set chooses the examples of --bn-mode recompute: use it with --bn-mode recompute"
+            )
         if self.sharpness and not self.full_space and not self.subspace:
             raise SharpError("--no-full-space needs --subspace P: there is no space left to measure")
+        if self.density and self.method == "pyhessian":
+            raise SharpError(
+                "--density has no pyhessian method: pyhessian 0.1's density() calls torch.eig, which torch "
+                "removed; drop --method pyhessian for the density"
+            )
         if self.noise_scale and self.b_small >= self.b_big:
             raise SharpError(f"--b-small {self.b_small} must be smaller than --b-big {self.b_big}")
-        if self.noise_scale and self.b_small + self.b_big > self.probe_set:
+        if self.noise_scale and self.noise_pool == "probe-set" and self.b_small + self.b_big > self.probe_set:
             raise SharpError(
                 f"--b-small {self.b_small} + --b-big {self.b_big} exceed --probe-set {self.probe_set}: "
                 "the two batches are drawn disjoint from the probe set, so raise --probe-set or lower --b-big"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sharp.gradients import flat_grad
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -80,13 +82,13 @@ class Distributed:
         values (in the gradients' dtype). Nothing is read back to the host."""
         if not self.enabled:
             return values
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [values.to(grads[0])])
+        grads = flat_grad(params)
+        flat = torch.cat([grads, values.to(grads)])
         dist.all_reduce(flat)
         offset = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(p)
-            offset += g.numel()
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
         return flat[offset:].clone()
 
     def average_buffers(self, model: torch.nn.Module) -> None:

@@ -46,6 +46,7 @@ from sharp.data import (
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
 from sharp.fileio import atomic_write_json, read_jsonl
+from sharp.gradients import flat_grad
 from sharp.losses import LossFn, cross_entropy_sum, summed_loss
 from sharp.metrics_log import MetricsLog
 from sharp.models import build_model, is_conv_net, set_bn_batch, synchronize_bn
@@ -393,7 +394,7 @@ def _summed_over_ranks(t: Training, result: StepResult, stop: bool) -> StepResul
         extras.append(noise.local_sums())
     summed = t.dist.all_reduce_step(t.params, torch.cat([e.to(t.device, torch.float64) for e in extras]))
     if noise is not None:
-        window_grad = torch.cat([p.grad.reshape(-1) for p in t.params])
+        window_grad = flat_grad(t.params)
         noise.finish_step(summed[3:6], torch.linalg.vector_norm(window_grad, dtype=torch.float64).square())
     return StepResult(summed[0], summed[1].round().long(), result.count, summed[2])
 

@@ -8,6 +8,7 @@ built by hand from state_dicts, filter norms by a per-slice Python loop.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ from sharp.probes.landscape import (
     save_directions,
 )
 
-TOL = 1e-12
+TOL = 1e-12  # float64 losses of tiny nets computed two ways (batch order, summation): rounding only
+# Accuracies are compared with ==: both sides count correct predictions of the same float64
+# outputs (ratios of the same integers), and no logit lies within rounding of a tie here.
 
 
 def make_batches(sizes, seed, classes=3, size=8):
@@ -118,12 +121,16 @@ def test_interpolate_endpoints_with_own_or_blended_buffers(probe_sets):
                 }
                 ref_loss, ref_acc = direct_eval(with_state(a, sd), batches)
             assert loss[2] == pytest.approx(ref_loss, abs=TOL) and acc[2] == ref_acc
-    # the midpoint with blended buffers: every floating tensor averaged, counters from a
+    # the midpoint with blended buffers: floating tensors averaged, running variances blended in
+    # log space (their geometric mean), counters from a
     res = interpolate(a, b, train, test, [0.5], bn="interpolate")
     sd = {
         k: (0.5 * v + 0.5 * b.state_dict()[k] if v.is_floating_point() else v)
         for k, v in a.state_dict().items()
     }
+    for k in sd:
+        if k.endswith("running_var"):
+            sd[k] = (a.state_dict()[k] * b.state_dict()[k]).sqrt()
     assert res.train_loss[0] == pytest.approx(direct_eval(with_state(a, sd), train)[0], abs=TOL)
     assert res.n_examples == 15 and res.settings["n_test_examples"] == 10
     diff = torch.cat(
@@ -132,7 +139,27 @@ def test_interpolate_endpoints_with_own_or_blended_buffers(probe_sets):
     assert res.distance == pytest.approx(float(diff.norm()), rel=1e-12)
 
 
-def test_interpolate_recompute_matches_update_bn(probe_sets):
+def exact_bn_statistics(model, batches):
+    """A copy of `model` whose BN running statistics are the mean and unbiased variance of each BN
+    layer's input over all examples, computed by concatenating every input in eval mode (no
+    streaming sums), layer after layer in forward order, each with the layers before it set."""
+    model = copy.deepcopy(model).eval()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:  # definition order is forward order in these nets
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].detach()))
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        handle.remove()
+        values = torch.cat(seen).transpose(0, 1).reshape(layer.num_features, -1).double()
+        with torch.no_grad():
+            layer.running_mean.copy_(values.mean(1))
+            layer.running_var.copy_(values.var(1, unbiased=True))
+    return model
+
+
+def test_interpolate_recompute_uses_exact_statistics(probe_sets):
     train, test = probe_sets
     a, b = bn_net(0, 1), bn_net(1, 2)
     a.train()  # the caller's mode must survive
@@ -141,28 +168,69 @@ def test_interpolate_recompute_matches_update_bn(probe_sets):
     assert_unchanged(a, snaps[0])
     assert_unchanged(b, snaps[1])
     assert res.alphas == [-1.0, 0.0, 1.0, 2.0]
-
-    def recomputed(model, batches):
-        model = copy.deepcopy(model)
-        update_bn(batches, model)
-        return model
-
     for i, model in ((1, a), (2, b)):
-        ref = recomputed(model, train)
+        ref = exact_bn_statistics(model, train)
+        # float64 nets, sums over 15 examples: agreement to rounding, 1e-12 is ample
         assert res.train_loss[i] == pytest.approx(direct_eval(ref, train)[0], abs=TOL)
         assert res.test_loss[i] == pytest.approx(direct_eval(ref, test)[0], abs=TOL)
-        assert res.test_acc[i] == direct_eval(ref, test)[1]
-        # and it is not the model with its own buffers (so the check above can fail)
+        assert res.test_acc[i] == direct_eval(ref, test)[1]  # counts of correct predictions: exact
+        # and it is not the model with its own buffers, nor update_bn's train-mode average
         assert abs(res.train_loss[i] - direct_eval(model, train)[0]) > 1e-6
+        swa = copy.deepcopy(model)
+        update_bn(train, swa)
+        assert abs(res.train_loss[i] - direct_eval(swa, train)[0]) > 1e-6
     # an extrapolated point: params 2·b − a, BN statistics recomputed on the train batches
     sd = {k: (2 * b.state_dict()[k] - v if v.is_floating_point() else v) for k, v in a.state_dict().items()}
-    ref = recomputed(with_state(a, sd), train)
+    ref = exact_bn_statistics(with_state(a, sd), train)
     assert res.train_loss[3] == pytest.approx(direct_eval(ref, train)[0], abs=1e-10)
-    # bn_batches replace the train batches for the statistics only
+    # bn_data replaces the train batches for the statistics only
     other = make_batches([8, 2], seed=3)
-    res2 = interpolate(a, b, train, test, [0.0], bn="recompute", bn_batches=other)
-    assert res2.train_loss[0] == pytest.approx(direct_eval(recomputed(a, other), train)[0], abs=TOL)
-    assert res2.evaluations["bn_update"] == 1
+    res2 = interpolate(a, b, train, test, [0.0], bn="recompute", bn_data=other)
+    assert res2.train_loss[0] == pytest.approx(direct_eval(exact_bn_statistics(a, other), train)[0], abs=TOL)
+    assert res2.evaluations["bn_update"] == 1 and res2.settings["n_bn_examples"] == 10
+
+
+def test_blended_variances_stay_positive_outside_the_segment(probe_sets):
+    """A linear blend of two running variances that differ by more than 2x goes negative at
+    alpha = -1 or 2 (NaN losses); the log-space blend var_a^(1-alpha) var_b^alpha does not."""
+    train, test = probe_sets
+    a, b = bn_net(0, 1), bn_net(1, 2)
+    with torch.no_grad():
+        a.features[1].running_var.fill_(0.2)
+        b.features[1].running_var.fill_(2.0)  # linear blend at alpha = 2: 3.8 (fine), at -1: -1.6 (NaN)
+    alphas = [-1.0, -0.5, 2.0]
+    res = interpolate(a, b, train, test, alphas, bn="interpolate")
+    assert all(math.isfinite(v) for v in res.train_loss + res.test_loss)
+    for alpha, loss in zip(alphas, res.train_loss, strict=True):
+        sd = {
+            k: ((1 - alpha) * v + alpha * b.state_dict()[k] if v.is_floating_point() else v)
+            for k, v in a.state_dict().items()
+        }
+        for k in sd:
+            if k.endswith("running_var"):
+                sd[k] = a.state_dict()[k] ** (1 - alpha) * b.state_dict()[k] ** alpha
+        assert loss == pytest.approx(direct_eval(with_state(a, sd), train)[0], abs=1e-10)
+
+
+def test_sine_path_ends_at_the_two_solutions(probe_sets):
+    """Keskar et al. Fig. 7: f(sin(alpha pi/2) x_l + cos(alpha pi/2) x_s)."""
+    train, test = probe_sets
+    a, b = plain_net(0), plain_net(1)
+    res = interpolate(a, b, train, test, [0.0, 0.5, 1.0, 1.5], path="sin", bn="a")
+    assert res.path == "sin" and res.settings["interpolation"].startswith("cos(alpha pi / 2)")
+    # the endpoints are the models themselves: cos and sin are set to exactly 1 and 0 there
+    assert res.train_loss[0] == pytest.approx(direct_eval(a, train)[0], abs=TOL)
+    assert res.test_loss[2] == pytest.approx(direct_eval(b, test)[0], abs=TOL)
+    for i, alpha in ((1, 0.5), (3, 1.5)):
+        ca, cb = math.cos(alpha * math.pi / 2), math.sin(alpha * math.pi / 2)
+        sd = {k: ca * v + cb * b.state_dict()[k] for k, v in a.state_dict().items()}
+        assert res.train_loss[i] == pytest.approx(direct_eval(with_state(a, sd), train)[0], abs=1e-10)
+    line = interpolate(a, b, train, test, [0.5], bn="a")
+    assert abs(line.train_loss[0] - res.train_loss[1]) > 1e-6  # the two paths differ off the ends
+    with pytest.raises(SharpError, match="along the line only"):
+        interpolate(a, b, train, test, [0.5], path="sin", bn="interpolate")
+    with pytest.raises(SharpError, match="path"):
+        interpolate(a, b, train, test, [0.5], path="arc")
 
 
 def test_interpolate_without_bn_modes_agree_and_callers_untouched(probe_sets):
@@ -173,6 +241,7 @@ def test_interpolate_without_bn_modes_agree_and_callers_untouched(probe_sets):
     alphas = [-0.5, 0.0, 0.5, 1.0, 1.5]
     results = [interpolate(a, b, train, test, alphas, bn=mode) for mode in ("recompute", "interpolate", "a")]
     for res in results[1:]:
+        # without BN the three modes run the same arithmetic: bit-for-bit equality is the claim
         assert res.train_loss == results[0].train_loss and res.test_loss == results[0].test_loss
         assert res.train_acc == results[0].train_acc and res.test_acc == results[0].test_acc
     sd = {k: 0.5 * v + 0.5 * b.state_dict()[k] for k, v in a.state_dict().items()}
@@ -201,6 +270,7 @@ def test_interpolate_rejects_mismatched_architectures(probe_sets):
 
 def test_parse_alphas():
     grid = parse_alphas("-1:2:25")
+    # linspace returns its endpoints exactly, and 0 and 1 are snapped: exact by construction
     assert len(grid) == 25 and grid[0] == -1.0 and grid[-1] == 2.0
     assert 0.0 in grid and 1.0 in grid
     assert grid == pytest.approx([-1 + 3 * i / 24 for i in range(25)], abs=1e-15)
@@ -306,7 +376,7 @@ def test_scans_match_hand_perturbed_models(tmp_path):
     loaded, meta = load_directions(path)
     assert meta == {"seed": 3, "model": "convnet"}
     again = random_direction_scan(model, batches, alphas, betas, directions=loaded)
-    assert again.loss == two.loss and again.accuracy == two.accuracy
+    assert again.loss == two.loss and again.accuracy == two.accuracy  # the same draws: bit-for-bit
 
     # another model of the same architecture gets the draws normalized to ITS filters
     other = bn_net(7, 2)

@@ -20,6 +20,7 @@ from sharp.config import TrainConfig
 from sharp.data import DeviceLoader
 from sharp.errors import SharpError
 from sharp.models import build_model
+from sharp.probes.common import TensorPool
 from sharp.probes.noise import OnlineNoiseScale, gradient_noise_scale, two_batch_estimate
 from sharp.runs import RunDir, read_jsonl
 from sharp.train import TIMING_KEYS, train
@@ -84,8 +85,14 @@ def test_offline_without_replacement_matches_the_exact_pool_values():
     assert rel(result.b_noise, exact["b_noise"]) < 0.1
     assert result.b_simple_stderr < 0.05 * result.b_simple
     assert abs(result.b_simple - exact["b_simple"]) < 4 * result.b_simple_stderr
-    assert result.b_simple == pytest.approx(result.trace_sigma / result.g2)
-    assert result.evaluations == {"grad": 3000, "hvp": 3000} and result.gradient_examples == 1500 * 60
+    # the same two numbers divided: rounding only, 1e-12 is ample
+    assert result.b_simple == pytest.approx(result.trace_sigma / result.g2, rel=1e-12)
+    # two gradients and two HVPs per draw, plus the one gradient whose graph the HVPs reuse
+    assert result.evaluations == {"grad": 3001, "hvp": 3000} and result.gradient_examples == 1500 * 60
+    assert result.population == 64 and result.pool == "probe set"
+    # the blocks of draws: 5 estimates from 300 draws each, their spread larger than the pooled stderr
+    assert len(result.b_simple_repeats) == 5 and result.b_simple_std > result.b_simple_stderr
+    assert abs(result.b_simple_mean - exact["b_simple"]) < 4 * result.b_simple_std / 5**0.5
     assert result.n_pairs == 1500 and result.b_small == 4 and result.b_big == 56
     assert result.settings["replacement"] is False and result.to_dict()["probe"] == "noise_scale"
 
@@ -105,6 +112,32 @@ def test_offline_with_replacement_matches_the_exact_pool_values():
     assert rel(result.g2, exact["g2"]) < 0.06
     assert rel(result.trace_sigma, exact["trace_sigma"]) < 0.12
     assert result.c_big == pytest.approx(1 / 56) and result.b_noise is None
+
+
+def test_offline_estimate_refers_to_the_pool_it_draws_from():
+    """With the whole training split as the pool, the estimate is the training set's B_simple, not
+    the probe set's (the probe set only supplies the Hessian for B_noise)."""
+    model, x, y = linear_problem(n=200, seed=5)
+    training = exact_linear(model, x, y)
+    probe_set = exact_linear(model, x[:48], y[:48])
+    assert rel(probe_set["b_simple"], training["b_simple"]) > 0.3  # the two targets are apart
+    result = gradient_noise_scale(
+        model,
+        [(x[:48], y[:48])],
+        4,
+        120,
+        n_pairs=1500,
+        seed=5,
+        loss_fn=half_squared_error,
+        pool=TensorPool(x, y),
+        pool_name="training split",
+    )
+    assert result.population == 200 and result.pool == "training split"
+    assert result.c_big == pytest.approx((200 - 120) / (120 * 199), rel=1e-15)  # the correction with N = 200
+    # Its standard error at 1500 pairs is 2.5% (0.4-1.9% off over five problems): 4 standard
+    # errors, and 10% (a third of the gap to the probe set's value) bound it
+    assert abs(result.b_simple - training["b_simple"]) < 4 * result.b_simple_stderr
+    assert rel(result.b_simple, training["b_simple"]) < 0.1
 
 
 def _online_steps(estimator, model, x, y, steps, count, micro, seed):
@@ -168,7 +201,8 @@ def test_online_estimator_is_none_until_it_has_a_step():
     ("kwargs", "fragment"),
     [
         ({"b_small": 8, "b_big": 8}, "1 <= b_small < b_big"),
-        ({"b_small": 8, "b_big": 60}, "exceeds the 64 probe examples"),
+        ({"b_small": 8, "b_big": 60}, "exceeds the 64 examples of the pool"),
+        ({"repeats": 1}, "repeats=1"),
         ({"n_pairs": 0}, "n_pairs 0"),
         ({"bn_mode": "train"}, "bn_mode 'train'"),
     ],

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sharp.probes.sharpness as sharpness_module
@@ -26,6 +27,7 @@ from sharp.probes.sharpness import (
     adaptive_sharpness,
     apgd_checkpoints,
     average_sharpness,
+    default_rho,
     epsilon_sharpness,
 )
 
@@ -97,22 +99,35 @@ def test_full_space_matches_the_corner_of_the_box(eps):
     assert rel(res.f0, f0) < 1e-12
     assert rel(res.fmax, fmax) < 1e-8
     assert rel(res.sharpness, keskar(fmax, f0)) < 1e-8
-    assert res.start == "zero"
+    assert res.start == "zero+random1"
     assert torch.allclose(res.perturbation, corner, rtol=1e-8, atol=0)
-    assert res.box_fraction_at_bound == 1.0
+    assert res.n_at_bound == q.n and res.box_fraction_at_bound == 1.0  # q.n / q.n: exact
+    assert res.box_maximum_reached  # the corner with the gradient pointing outward: provably the max
     assert res.perturbation_norm == pytest.approx(float(corner.norm()), rel=1e-8)
     assert res.n_params == q.n and res.subspace_dim is None and res.eps == eps
-    assert res.evaluations["grad"] >= 2 and res.lbfgs_iterations >= 1
+    # a separable quadratic is maximized at this corner from any start: both starts find it, so
+    # their spread is rounding only (phi ~ 1e-2 .. 1e2, computed in float64)
+    assert [r["start"] for r in res.starts] == ["zero", "random1"] and all(r["counts"] for r in res.starts)
+    assert all(rel(r["fmax"], fmax) < 1e-8 for r in res.starts)
+    assert res.sharpness_std < 1e-8 * res.sharpness
+    assert res.sharpness_zero_start == pytest.approx(res.sharpness, rel=1e-8)
+    # a provable box maximum ends a start before its 10 iterations
+    assert all(r["box_maximum"] and r["iterations"] <= 10 for r in res.starts)
+    assert res.lbfgs_iterations == sum(r["iterations"] for r in res.starts)
+    assert res.lbfgs_evaluations == sum(r["evaluations"] for r in res.starts) >= res.lbfgs_iterations
 
 
 @pytest.mark.parametrize("eps", [1e-3, 5e-2])
 def test_at_the_minimum_the_random_start_finds_a_corner(eps):
     q = Quadratic(centered=True)  # mean_j a_j = 0 exactly, so c' = c and ∇f(c) = 0
-    res = epsilon_sharpness(q.model(q.center), q.batches, eps=eps, loss_fn=q.loss_fn)
+    res = epsilon_sharpness(q.model(q.center), q.batches, eps=eps, loss_fn=q.loss_fn, random_starts=0)
     r = eps * (q.center.abs() + 1)
     fmax = q.f(q.center + r)  # any corner: f is even about c' per coordinate
-    assert res.start == "zero+random"
-    assert "random" in res.lbfgs_message
+    # the start at y = 0 sits at a stationary point: it does not count, and a random start is added
+    assert res.start == "zero+random1" and [r["counts"] for r in res.starts] == [False, True]
+    assert res.sharpness_zero_start == pytest.approx(0.0, abs=1e-12)
+    assert res.sharpness_std is None  # one start counts: no spread to report
+    assert "random1" in res.lbfgs_message
     assert rel(res.f0, q.K) < 1e-12
     assert rel(res.fmax, fmax) < 1e-8
     assert rel(res.sharpness, keskar(fmax, q.K)) < 1e-8
@@ -150,6 +165,7 @@ def test_random_subspace_is_a_pseudo_inverse_pair_and_seeded():
         epsilon_sharpness(q.model(), q.batches, eps=1e-2, subspace_dim=3, seed=s, loss_fn=q.loss_fn)
         for s in (7, 7, 8)
     ]
+    # the same seed repeats the same computation: bit-for-bit equal is the claim
     assert runs[0].fmax == runs[1].fmax and np.array_equal(runs[0].y, runs[1].y)
     assert runs[0].fmax != runs[2].fmax
 
@@ -163,7 +179,6 @@ def test_the_perturbation_respects_the_box_and_sharpness_grows_with_eps():
                 q.model(), q.batches, eps=eps, subspace_dim=subspace_dim, loss_fn=q.loss_fn
             )
             assert np.all(np.abs(res.y) <= res.bounds * (1 + 1e-12))
-            assert res.fmax >= res.f0 and 0.0 <= res.box_fraction_at_bound <= 1.0
         res = epsilon_sharpness(q.model(), q.batches, eps=eps, loss_fn=q.loss_fn)
         assert np.all(np.abs(res.perturbation.numpy()) <= eps * (np.abs(q.x.numpy()) + 1) * (1 + 1e-12))
         assert res.sharpness >= previous
@@ -222,19 +237,47 @@ def test_runs_on_a_small_real_net():
     batches = [(torch.randn(24, 1, 4, 4, dtype=F64), torch.randint(0, 3, (24,))) for _ in range(2)]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     res = epsilon_sharpness(model, batches, eps=1e-3)
-    assert res.fmax >= res.f0 and res.sharpness >= 0 and np.isfinite(res.sharpness)
-    assert res.start == "zero" and res.sharpness > 0
+    # independent check: the loss at x + A y* recomputed by a plain forward of a hand-perturbed copy
+    x = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    ref = build_model("mlp", 1, 3, image_size=4).to(F64).eval()
+
+    def loss_at(vector):
+        torch.nn.utils.vector_to_parameters(vector.clone(), ref.parameters())
+        with torch.no_grad():
+            return float(sum(F.cross_entropy(ref(a), b) * len(b) for a, b in batches) / 48)
+
+    assert res.fmax == pytest.approx(loss_at(x + res.perturbation), rel=1e-12)  # same weights, float64
+    assert res.f0 == pytest.approx(loss_at(x), rel=1e-12)
+    assert res.lbfgs_iterations == 10 * len(res.starts)  # no early stop: the full budget per start
     assert res.evaluations["grad"] >= res.lbfgs_iterations
     sub = epsilon_sharpness(model, batches, eps=1e-3, subspace_dim=5)
-    assert sub.fmax >= sub.f0
+    assert sub.fmax == pytest.approx(loss_at(x + sub.perturbation), rel=1e-12)
     data = json.loads(res.to_json())
     assert data["probe"] == "epsilon_sharpness" and "perturbation" not in data and "y" not in data
     assert data["settings"]["eps"] == 1e-3 and data["dtype"] == "float64"
+    assert data["settings"]["lbfgs_options"] == {"ftol": 0.0, "gtol": 0.0, "maxfun": 100_000, "maxls": 20}
+    assert {"lbfgs_evaluations", "n_at_bound", "box_maximum_reached", "sharpness_std"} <= set(data)
+    assert data["torch_flags"]["tf32_matmul"] is False and data["loss_fn"] == "cross_entropy"
     worst = adaptive_sharpness(model, batches, rho=0.05, m=16)
     average = average_sharpness(model, batches, rho=0.05, n_draws=5)
-    assert worst.sharpness >= 0 and len(worst.per_batch) == 3 and worst.chunk_sizes == [16, 16, 16]
-    assert np.isfinite(average.sharpness) and average.stderr >= 0
+    assert len(worst.per_batch) == 3 and worst.chunk_sizes == [16, 16, 16]
+    # stderr over chunks: the sample std of the three chunk maxima / sqrt(3), recomputed here
+    assert worst.stderr == pytest.approx(np.std(worst.per_batch, ddof=1) / np.sqrt(3), rel=1e-12)
+    assert average.stderr == pytest.approx(np.std(average.per_draw, ddof=1) / np.sqrt(5), rel=1e-12)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_default_radii_are_the_papers_and_recorded():
+    q = Quadratic()
+    worst = adaptive_sharpness(q.model(), q.batches, m=8, steps=2, loss_fn=q.loss_fn)
+    average = average_sharpness(q.model(), q.batches, n_draws=2, loss_fn=q.loss_fn)
+    # the smallest radius of each of the authors' CIFAR-10 ResNet grids (sh/eval_sharpness_final.sh)
+    assert (worst.rho, worst.settings["rho_rule"]) == (1e-3, "default_rho")
+    assert (average.rho, average.settings["rho_rule"]) == (0.05, "default_rho")
+    assert default_rho("worst", "linf", False) == 5e-4 and default_rho("worst", "l2", True) == 0.25
+    assert default_rho("average", "linf", True) == 0.1
+    given = adaptive_sharpness(q.model(), q.batches, rho=0.01, m=8, steps=2, loss_fn=q.loss_fn)
+    assert (given.rho, given.settings["rho_rule"]) == (0.01, "given")
 
 
 def test_bad_arguments_raise_sharp_error():
@@ -298,7 +341,8 @@ def test_worst_case_of_a_linear_loss_matches_the_dual_norm(norm, adaptive):
     c = w.abs() if adaptive else torch.ones_like(w)
     expected = linear_worst_case(a.mean(0), c, rho, norm)
     assert rel(res.sharpness, expected) < 1e-6
-    assert res.per_batch == [res.sharpness] and res.chunk_sizes == [len(a)]
+    # one chunk: the size-weighted mean of one value, x·n/n, may round by an ulp
+    assert res.per_batch == [pytest.approx(res.sharpness, rel=1e-15)] and res.chunk_sizes == [len(a)]
     assert (res.rho, res.norm, res.adaptive, res.m, res.steps) == (rho, norm, adaptive, len(a), 20)
     assert res.evaluations == {"grad": 20, "loss": 1}
 
@@ -375,4 +419,81 @@ def test_average_sharpness_of_a_quadratic_matches_its_expectation(norm, variance
     again = average_sharpness(
         q.model(), q.batches, rho=rho, n_draws=400, adaptive=adaptive, norm=norm, loss_fn=q.loss_fn
     )
-    assert again.per_draw == res.per_draw
+    assert again.per_draw == res.per_draw  # same seed, same draws: bit-for-bit is the claim
+
+
+# --- epsilon-sharpness next to a minimum ---------------------------------------------------
+
+
+class LogisticRegression:
+    """Multinomial logistic regression in float64 (40 examples, 3 features, 3 classes: 12
+    parameters), driven to its minimum by Newton's method.
+
+    Cross-entropy is convex in the weights, so its maximum over a box is at one of the box's
+    2^12 vertices: enumerating them gives the exact maximum, an independent reference.
+    """
+
+    n, d, k = 40, 3, 3
+
+    def __init__(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(self.n, self.d, generator=gen, dtype=F64)
+        self.y = torch.randint(0, self.k, (self.n,), generator=gen)
+        self.direction = torch.randn(self.k * self.d + self.k, generator=gen, dtype=F64)
+        w = torch.zeros(self.k * self.d + self.k, dtype=F64)
+        for _ in range(40):  # Newton steps (least squares: softmax makes H singular along shifts)
+            step = torch.linalg.lstsq(torch.autograd.functional.hessian(self.loss, w), self.grad(w)[:, None])
+            w = w - step.solution[:, 0]
+        self.minimum = w
+        self.corners = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=len(w))), dtype=F64)
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy at w, or at each row of a batch of weight vectors."""
+        weight, bias = w[..., : self.k * self.d].unflatten(-1, (self.k, self.d)), w[..., self.k * self.d :]
+        logits = torch.einsum("...kd,nd->...nk", weight, self.x) + bias[..., None, :]
+        log_p = logits.log_softmax(-1).gather(-1, self.y.expand(*logits.shape[:-1])[..., None])
+        return -log_p[..., 0].mean(-1)
+
+    def grad(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.clone().requires_grad_(True)
+        return torch.autograd.grad(self.loss(w), w)[0]
+
+    def at_gradient_norm(self, target: float) -> torch.Tensor:
+        """The minimum moved along a seeded direction until ||∇f|| = target (to 1 %)."""
+        if target == 0:
+            return self.minimum.clone()
+        h = torch.autograd.functional.hessian(self.loss, self.minimum)
+        return self.minimum + target / float((h @ self.direction).norm()) * self.direction
+
+    def exact_sharpness(self, w: torch.Tensor, eps: float) -> float:
+        f0 = float(self.loss(w))
+        fmax = float(self.loss(w + self.corners * eps * (w.abs() + 1)).max())
+        return (fmax - f0) / (1 + f0) * 100
+
+    def model(self, w: torch.Tensor) -> nn.Linear:
+        model = nn.Linear(self.d, self.k).double()
+        with torch.no_grad():
+            model.weight.copy_(w[: self.k * self.d].view(self.k, self.d))
+            model.bias.copy_(w[self.k * self.d :])
+        return model
+
+
+def test_epsilon_sharpness_does_not_collapse_next_to_a_minimum():
+    problem = LogisticRegression()
+    assert float(problem.grad(problem.minimum).norm()) < 1e-14  # Newton converged
+    found = []
+    for target in (0.0, 1e-7, 1e-6, 1e-5, 1e-4):
+        w = problem.at_gradient_norm(target)
+        assert float(problem.grad(w).norm()) == pytest.approx(target, rel=1e-2, abs=1e-14)
+        res = epsilon_sharpness(problem.model(w), [(problem.x, problem.y)], eps=1e-3)
+        exact = problem.exact_sharpness(w, 1e-3)
+        # L-BFGS-B is a local method: on this problem it found 0.84-1.00 of the exact maximum
+        # (at the exact minimum only the two random starts search; over ten seeds of this
+        # problem they found 0.76-1.00). The bound is the 20 % the measurement must meet; with
+        # scipy's default ftol the values here were 1e-9 to 1e-5 of the exact maximum.
+        assert 0.8 * exact <= res.sharpness <= exact * (1 + 1e-9)
+        # the iteration budget is spent unless a start proves it sits at a box maximum
+        assert all(r["iterations"] == 10 or r["box_maximum"] or not r["counts"] for r in res.starts)
+        found.append(res.sharpness)
+    # no collapse between neighbouring gradient norms (the bug: orders of magnitude)
+    assert all(0.5 < b / a < 2 for a, b in itertools.pairwise(found))

@@ -5,9 +5,15 @@ each time (the "probe set"). The loss over it is exactly the mean over all its e
 whatever the batch sizes: sum_b n_b * loss_fn(outputs_b, targets_b) / N, where `loss_fn`
 returns the mean over its batch.
 
-Probes never touch the caller's model: they work on a copy (`ProbeModel`), in eval mode
-(BN running statistics) or, with `bn_mode="batch"`, with BN layers that normalize each
-probe batch by its own statistics and keep no running statistics.
+Probes never touch the caller's model: they work on a copy (`ProbeModel`) in eval mode
+(dropout off). Its BN layers normalize by (see `sharp.probes.bn`):
+- bn_mode="eval": the model's running statistics;
+- bn_mode="recompute": running statistics recomputed at the probed weights from `bn_data`
+  (exact mean and unbiased variance over all its examples), computed once before probing;
+- bn_mode="batch": the statistics of each BN group, groups of `bn_batch` consecutive
+  examples of the probe set (a short last group is its own smaller group, weighted by its
+  size), or, with bn_batch=None, each given batch as one group. The probe set is then
+  re-cut into its BN groups, one forward pass each.
 """
 
 from __future__ import annotations
@@ -15,21 +21,51 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from sharp.config import BN_MODES
 from sharp.errors import SharpError
+from sharp.gradients import assign_flat, flat_grad
 from sharp.losses import LossFn, cross_entropy
+from sharp.probes.bn import (
+    bn_layers,
+    check_bn_mode,
+    describe_bn,
+    recompute_bn_statistics,
+    use_batch_statistics,
+)
+from sharp.runtime import TorchFlags
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-BN_MODES = ("eval", "batch")
+
+__all__ = [
+    "BN_MODES",
+    "Batch",
+    "ExamplePool",
+    "LossFn",
+    "ProbeModel",
+    "ProbeResult",
+    "TensorPool",
+    "as_batches",
+    "check_count",
+    "check_positive",
+    "cross_entropy",
+    "loss_name",
+    "model_device",
+    "model_dtype",
+    "prepare_batches",
+    "regroup",
+    "working_copy",
+]
 
 
 def _jsonable(value: Any) -> Any:
@@ -64,6 +100,9 @@ class ProbeResult:
     iterations: int | None = None
     evaluations: dict[str, int] = field(default_factory=dict)  # counts of loss / grad / hvp passes
     wall_time: float = 0.0
+    loss_fn: str = "cross_entropy"  # the loss function's name
+    bn_settings: dict[str, Any] = field(default_factory=dict)  # BN details: layers, groups, recompute data
+    torch_flags: dict[str, Any] = field(default_factory=dict)  # TF32, determinism, threads in force
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,28 +116,48 @@ class ProbeResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        from sharp.runs import atomic_write_json
+        from sharp.fileio import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 
 
-def working_copy(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
-    """A copy of `model` in eval mode; with bn_mode="batch", its BN layers use batch statistics.
+# --- argument checks shared by the probes ---------------------------------------------------
 
-    In "batch" mode the copy's BN layers track no running statistics, so each probe batch
-    is normalized by its own mean and variance (as in training, without ghost groups) and
-    nothing is updated.
+
+def check_positive(name: str, value: float) -> float:
+    """A positive finite number, else a SharpError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
+    if not math.isfinite(value) or value <= 0:
+        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
+    return float(value)
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """A whole number >= minimum, else a SharpError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise SharpError(f"{name}={value!r} is not allowed: give an integer >= {minimum}")
+    return int(value)
+
+
+def loss_name(loss_fn: LossFn) -> str:
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+# --- the working copy -----------------------------------------------------------------------
+
+
+def working_copy(model: nn.Module, bn_mode: str = "eval") -> nn.Module:
+    """A copy of `model` in eval mode; with bn_mode="batch" its BN layers use batch statistics.
+
+    The copy of a "recompute" model still holds the model's statistics: `ProbeModel`
+    recomputes them.
     """
-    if bn_mode not in BN_MODES:
-        raise SharpError(f"bn_mode {bn_mode!r} is unknown: choose 'eval' or 'batch'")
+    check_bn_mode(model, bn_mode)
     work = copy.deepcopy(model)
     work.eval()
     if bn_mode == "batch":
-        for module in work.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.track_running_stats = False
-                module.running_mean = None
-                module.running_var = None
+        use_batch_statistics(work)
     return work
 
 
@@ -127,11 +186,21 @@ def prepare_batches(model: nn.Module, batches: Iterable[Batch]) -> list[Batch]:
     return prepared
 
 
+def regroup(batches: Sequence[Batch], size: int) -> list[Batch]:
+    """The examples of `batches`, in order, re-cut into batches of `size` (the last may be shorter)."""
+    inputs = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    return list(zip(inputs.split(size), targets.split(size), strict=True))
+
+
 class ProbeModel:
     """A working copy of a model over a fixed probe set, seen as a function of its parameters.
 
     Counts its own work: `counts["loss"]` forward passes over the whole probe set,
     `counts["grad"]` forward+backward passes, `counts["hvp"]` Hessian-vector products.
+    With bn_mode="recompute" the copy's BN statistics are recomputed from `bn_data` (see
+    `sharp.probes.bn.recompute_bn_statistics`) once, at the given weights, before anything
+    else; with bn_mode="batch" the probe set is re-cut into BN groups of `bn_batch`.
     """
 
     def __init__(
@@ -140,11 +209,45 @@ class ProbeModel:
         batches: Iterable[Batch],
         loss_fn: LossFn = cross_entropy,
         bn_mode: str = "eval",
+        *,
+        bn_data: Iterable[Batch] | None = None,
+        bn_batch: int | None = None,
     ) -> None:
+        if bn_batch is not None:
+            bn_batch = check_count("bn_batch", bn_batch, minimum=2)
+            if bn_mode != "batch":
+                raise SharpError(f"bn_batch={bn_batch} applies to bn_mode 'batch' only, not {bn_mode!r}")
         self.model = working_copy(model, bn_mode)
         self.bn_mode = bn_mode
+        self.bn_batch = bn_batch
         self.loss_fn = loss_fn
         self.batches = prepare_batches(self.model, batches)
+        self.chunk = max(len(t) for _, t in self.batches)  # memory unit of forward passes in eval modes
+        self.started = time.perf_counter()
+        self.bn = {"mode": bn_mode}
+        self.recompute: dict[str, Any] | None = None
+        if bn_mode == "recompute":
+            if bn_data is None and bn_layers(self.model):
+                raise SharpError(
+                    "bn_mode 'recompute' needs bn_data: the training batches to recompute BN statistics from"
+                )
+            self.recompute = recompute_bn_statistics(self.model, bn_data or [])
+        elif bn_data is not None:
+            raise SharpError(f"bn_data is used by bn_mode 'recompute' only, not {bn_mode!r}")
+        groups = None
+        if bn_mode == "batch":
+            if bn_batch is not None:
+                self.batches = regroup(self.batches, bn_batch)
+            groups = [len(t) for _, t in self.batches]
+            if bn_layers(self.model) and min(groups) < 2:
+                raise SharpError(
+                    f"a BN group of the probe set has {min(groups)} example: batch statistics need at least "
+                    "2; choose a probe set size or bn_batch that leaves no group of one"
+                )
+        self.bn = describe_bn(self.model, bn_mode, bn_batch, groups)
+        if self.recompute is not None:
+            self.bn["recomputed_from_examples"] = self.recompute["examples"]
+            self.bn["recompute"] = "exact per-channel mean and unbiased variance, layer by layer in eval mode"
         self.n_examples = sum(len(t) for _, t in self.batches)
         self.weights = [len(t) / self.n_examples for _, t in self.batches]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -152,7 +255,6 @@ class ProbeModel:
         self.dtype = model_dtype(self.model)
         self.device = model_device(self.model)
         self.counts = {"loss": 0, "grad": 0, "hvp": 0}
-        self.started = time.perf_counter()
 
     # --- parameters as one flat vector ----------------------------------------------------
 
@@ -160,23 +262,50 @@ class ProbeModel:
         return nn.utils.parameters_to_vector(self.params).detach().clone()
 
     def set_vector(self, vector: torch.Tensor) -> None:
-        # copy_ rather than nn.utils.vector_to_parameters, which makes the parameters views
-        # of `vector` (later edits of it would move the model) and drops channels_last.
-        vector = vector.to(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            for p, chunk in zip(self.params, vector.split([p.numel() for p in self.params]), strict=True):
-                p.copy_(chunk.view_as(p))
-
-    def flat_grad(self) -> torch.Tensor:
-        return torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
-        )
+        assign_flat(self.params, vector.to(device=self.device, dtype=self.dtype))
 
     # --- evaluations -----------------------------------------------------------------------
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = batch
         return self.loss_fn(self.model(inputs), targets)
+
+    def pieces(self, batch: Batch) -> list[Batch]:
+        """One batch cut into forward passes: BN groups of bn_batch in batch mode (each group is
+        normalized on its own), else pieces of at most the largest probe batch (memory only)."""
+        size = self.bn_batch if self.bn_mode == "batch" else self.chunk
+        inputs, targets = batch
+        if size is None or len(targets) <= size:
+            return [batch]
+        return list(zip(inputs.split(size), targets.split(size), strict=True))
+
+    def gradient(self, batches: Sequence[Batch], weights: Sequence[float]) -> tuple[float, torch.Tensor]:
+        """sum_b w_b loss_b and its flat gradient: zero the grads, backward each weighted batch
+        loss in turn, read the accumulated gradient. One "grad" evaluation."""
+        self.counts["grad"] += 1
+        for p in self.params:
+            p.grad = None
+        total = 0.0
+        for weight, batch in zip(weights, batches, strict=True):
+            loss = weight * self.batch_loss(batch)
+            loss.backward()
+            total += float(loss.detach())
+        grad = flat_grad(self.params)
+        for p in self.params:
+            p.grad = None
+        return total, grad
+
+    def batch_gradient(self, batch: Batch) -> tuple[float, torch.Tensor]:
+        """Mean loss over one batch of examples and its flat gradient, run as `pieces`."""
+        pieces = self.pieces(batch)
+        n = len(batch[1])
+        return self.gradient(pieces, [len(t) / n for _, t in pieces])
+
+    @torch.no_grad()
+    def batch_mean_loss(self, batch: Batch) -> float:
+        """Mean loss over one batch of examples (no gradient), run as `pieces`."""
+        n = len(batch[1])
+        return float(sum(len(p[1]) / n * self.batch_loss(p).double() for p in self.pieces(batch)))
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -198,18 +327,7 @@ class ProbeModel:
 
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Mean loss and its gradient (flat) over the probe set, from one pass."""
-        self.counts["grad"] += 1
-        for p in self.params:
-            p.grad = None
-        total = 0.0
-        for weight, batch in zip(self.weights, self.batches, strict=True):
-            loss = weight * self.batch_loss(batch)
-            loss.backward()
-            total += float(loss.detach())
-        grad = self.flat_grad()
-        for p in self.params:
-            p.grad = None
-        return total, grad
+        return self.gradient(self.batches, self.weights)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -218,6 +336,7 @@ class ProbeModel:
         self, seed: int | None = None, iterations: int | None = None, **settings: Any
     ) -> dict[str, Any]:
         """The common fields of a ProbeResult for work done on this ProbeModel."""
+        flags = TorchFlags.current()
         return {
             "n_examples": self.n_examples,
             "bn_mode": self.bn_mode,
@@ -227,8 +346,45 @@ class ProbeModel:
             "iterations": iterations,
             "evaluations": {k: v for k, v in self.counts.items() if v},
             "wall_time": self.elapsed(),
+            "loss_fn": loss_name(self.loss_fn),
+            "bn_settings": dict(self.bn),
+            "torch_flags": {
+                "deterministic": flags.deterministic,
+                "cudnn_benchmark": flags.cudnn_benchmark,
+                "tf32_matmul": flags.tf32_matmul,
+                "tf32_cudnn": flags.tf32_cudnn,
+                "threads": flags.threads,
+            },
             "settings": settings,
         }
+
+
+class ExamplePool(Protocol):
+    """Examples drawn by index (the pool a noise-scale estimate samples its batches from)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, index: torch.Tensor) -> Batch:
+        """(inputs, targets) of the examples at `index` (a CPU LongTensor)."""
+        ...
+
+
+class TensorPool:
+    """An ExamplePool over examples held as two tensors."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    @classmethod
+    def of(cls, batches: Sequence[Batch]) -> TensorPool:
+        return cls(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, index: torch.Tensor) -> Batch:
+        index = index.to(self.targets.device)
+        return self.inputs[index], self.targets[index]
 
 
 def as_batches(batches: Sequence[Batch] | Batch) -> list[Batch]:

@@ -30,7 +30,9 @@ import torch
 from scipy.integrate import trapezoid  # numpy's own needs numpy >= 2
 from scipy.linalg import eigh_tridiagonal
 
+from sharp.config import HESSIAN_METHODS as METHODS
 from sharp.errors import SharpError
+from sharp.gradients import autograd_flat_grad
 from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
 from sharp.progress import progress_bar
 
@@ -48,13 +50,16 @@ __all__ = [
 ]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("lanczos", "power")
+TRACE_METHODS = ("hutchinson", "pyhessian")
 STARTS = ("rademacher", "gaussian")
 DENSITY_SIGMA_FRACTION = 0.01  # default σ of the density: this fraction of the Ritz-value range
 DENSITY_PAD_SIGMAS = 5.0  # the density grid extends this many σ beyond the extreme Ritz values
 
 
 # --- the operator ----------------------------------------------------------------------------
+
+
+KEEP_GRAPH_MAX_EXAMPLES = 1024  # keep_graph=None keeps the double-backward graph up to this many examples
 
 
 class HessianOperator:
@@ -64,14 +69,20 @@ class HessianOperator:
     unequal sizes are weighted exactly. With `keep_graph=True` the weighted gradient of each
     batch is computed once with `create_graph=True` (counted as one "grad" pass) and its
     graph kept: each HVP is then a single backward through the kept graphs, without any
-    forward pass. This holds the graphs of the whole probe set in memory; with
-    `keep_graph=False` each HVP recomputes forward and double backward batch by batch
-    instead (1.3-1.7x slower per HVP on a CPU ResNet-8). Every `matvec` adds 1 to `probe.counts["hvp"]`.
+    forward pass, but the graphs of the whole probe set stay in memory (tens of GB for 10,000
+    CIFAR images on a ResNet-32). With `keep_graph=False` each HVP recomputes forward and
+    double backward batch by batch and sums the weighted results, so memory is that of one
+    batch (1.3-1.7x slower per HVP on a CPU ResNet-8); the results are the same to rounding.
+    `keep_graph=None` (default) keeps the graph for probe sets of at most
+    KEEP_GRAPH_MAX_EXAMPLES examples. Every `matvec` adds 1 to `probe.counts["hvp"]`.
     """
 
-    def __init__(self, probe: ProbeModel, keep_graph: bool = True) -> None:
+    def __init__(self, probe: ProbeModel, keep_graph: bool | None = None) -> None:
         self.probe = probe
-        self.keep_graph = keep_graph
+        self.keep_graph = probe.n_examples <= KEEP_GRAPH_MAX_EXAMPLES if keep_graph is None else keep_graph
+        self.keep_graph_rule = (
+            "given" if keep_graph is not None else f"auto (<= {KEEP_GRAPH_MAX_EXAMPLES} examples)"
+        )
         self.params = probe.params
         self.n = probe.n_params
         self.dtype = probe.dtype
@@ -81,41 +92,24 @@ class HessianOperator:
         self._grad: torch.Tensor | None = None
         self._graph: torch.Tensor | None = None  # flat gradient of the whole probe loss, with graph
         self.loss: float | None = None
-        if keep_graph:
+        if self.keep_graph:
             probe.counts["grad"] += 1
             flat_sum, total = None, 0.0
             with torch.enable_grad():
                 for weight, batch in zip(probe.weights, probe.batches, strict=True):
                     loss = weight * probe.batch_loss(batch)
-                    flat = self._flat_grad(loss, create_graph=True)
+                    flat = autograd_flat_grad(loss, self.params, create_graph=True)
                     flat_sum = flat if flat_sum is None else flat_sum + flat
                     total += float(loss.detach())
             self._graph = flat_sum
             self._grad = flat_sum.detach().clone()
             self.loss = total
 
-    def _flat_grad(self, loss: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
-        return torch.cat(
-            [
-                (torch.zeros_like(p) if g is None else g).reshape(-1)
-                for p, g in zip(self.params, grads, strict=True)
-            ]
-        )
-
     def _backward(self, flat_grad: torch.Tensor, v: torch.Tensor, retain: bool) -> torch.Tensor:
         """The vector-Jacobian product v^T d(flat_grad)/d(params) = H v, flat."""
         if not flat_grad.requires_grad:  # the gradient does not depend on the parameters: H = 0
             return torch.zeros_like(v)
-        hv = torch.autograd.grad(
-            flat_grad, self.params, grad_outputs=v, retain_graph=retain, allow_unused=True
-        )
-        return torch.cat(
-            [
-                (torch.zeros_like(p) if h is None else h).reshape(-1)
-                for p, h in zip(self.params, hv, strict=True)
-            ]
-        )
+        return autograd_flat_grad(flat_grad, self.params, grad_outputs=v, retain_graph=retain)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector v of length n (returned in the model's dtype and device)."""
@@ -128,12 +122,16 @@ class HessianOperator:
                 return self._backward(self._graph, v, retain=True).detach()
             probe, out = self.probe, None
             for weight, batch in zip(probe.weights, probe.batches, strict=True):
-                flat = self._flat_grad(weight * probe.batch_loss(batch), create_graph=True)
+                flat = autograd_flat_grad(weight * probe.batch_loss(batch), self.params, create_graph=True)
                 hv = self._backward(flat, v, retain=False)
                 out = hv if out is None else out + hv
             return out.detach()
 
     __call__ = matvec
+
+    def quadratic_form(self, v: torch.Tensor) -> float:
+        """vᵀHv in float64 (one HVP)."""
+        return float(self.matvec(v).double() @ v.detach().double().to(self.device))
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the probe loss (from the kept graph, or one gradient pass)."""
@@ -430,33 +428,46 @@ class TraceResult(ProbeResult):
     stderr: float = 0.0
     samples: list[float] = field(default_factory=list)
     converged: bool = False
+    method: str = "hutchinson"
 
 
 @dataclass(kw_only=True)
 class DensityResult(ProbeResult):
-    """Smoothed spectral density on a grid, and the Ritz values and weights behind it."""
+    """Smoothed spectral density on a grid, the Ritz values and weights behind it, and its
+    spread over the runs: `density_std` (pointwise sample std of the runs' densities) and the
+    runs' quadrature estimates of tr(H) = n sum_j w_j θ_j (`trace_mean` ± `trace_std`)."""
 
     kind: ClassVar[str] = "hessian_density"
     grid: list[float] = field(default_factory=list)
     density: list[float] = field(default_factory=list)
+    density_std: list[float] | None = None  # None with a single run
     ritz_values: list[list[float]] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
     sigma: float = 0.0
-
-
-def _loss_name(loss_fn: LossFn) -> str:
-    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    trace_estimates: list[float] = field(default_factory=list)  # one per run
+    trace_mean: float = 0.0
+    trace_std: float | None = None  # sample std over runs; None with a single run
 
 
 def _operator(
-    model: torch.nn.Module, batches: Iterable[Batch], loss_fn: LossFn, bn_mode: str, keep_graph: bool
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: LossFn,
+    bn_mode: str,
+    keep_graph: bool | None,
+    bn_data: Iterable[Batch] | None,
+    bn_batch: int | None,
 ) -> tuple[ProbeModel, HessianOperator]:
-    probe = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode)
+    probe = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     return probe, HessianOperator(probe, keep_graph=keep_graph)
 
 
-def _common_settings(op: HessianOperator, loss_fn: LossFn, keep_graph: bool) -> dict[str, Any]:
-    return {"n_params": op.n, "loss_fn": _loss_name(loss_fn), "keep_graph": keep_graph}
+def _common_settings(op: HessianOperator) -> dict[str, Any]:
+    return {
+        "n_params": op.n,
+        "keep_graph": op.keep_graph,
+        "keep_graph_rule": op.keep_graph_rule,
+    }
 
 
 def hessian_top_eigenvalues(
@@ -470,28 +481,57 @@ def hessian_top_eigenvalues(
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
     return_eigenvectors: bool = False,
-    keep_graph: bool = True,
+    keep_graph: bool | None = None,
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> EigenResult:
     """The k largest eigenvalues of the Hessian of the probe loss.
 
     `method="lanczos"` (default): `lanczos` with full reorthogonalization, stopped on the
     Ritz residual bound (maxiter default `default_lanczos_maxiter`). `method="power"`:
-    PyHessian's deflated power iteration (Yao et al. 2020), `maxiter` per eigenvalue
-    (default 100). `iterations` and `evaluations["hvp"]` are the number of HVPs;
-    `evaluations["grad"]` is 1 with `keep_graph` (the gradient whose graph is kept).
+    PyHessian's deflated power iteration (Yao et al. 2020) as written here, `maxiter` per
+    eigenvalue (default 100). `method="pyhessian"`: PyHessian's own `eigenvalues()` on the
+    same working copy, probe set and BN mode (`sharp.probes.pyhessian_bridge`); its residuals
+    ||H y - θ y|| are then measured with this module's operator (k more HVPs, counted).
+    `iterations` and `evaluations["hvp"]` are the number of HVPs; `evaluations["grad"]` is 1
+    when the graph is kept (the gradient whose graph is kept).
     """
     if method not in METHODS:
-        raise SharpError(f"method {method!r} is unknown: choose 'lanczos' or 'power'")
-    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph)
+        raise SharpError(f"method {method!r} is unknown: choose one of {', '.join(METHODS)}")
+    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph, bn_data, bn_batch)
     k_eff = _check_k(k, op.n)
     kw = {"tol": tol, "seed": seed, "dtype": op.dtype, "device": op.device, "progress": progress}
+    extra: dict[str, Any] = {}
     if method == "lanczos":
         maxiter = default_lanczos_maxiter(op.n, k_eff) if maxiter is None else maxiter
         solve = lanczos(op.matvec, op.n, k_eff, maxiter=maxiter, **kw)
-    else:
+    elif method == "power":
         maxiter = 100 if maxiter is None else maxiter
         solve = power_iteration(op.matvec, op.n, k_eff, maxiter=maxiter, **kw)
+    else:
+        from sharp.probes.pyhessian_bridge import pyhessian_eigenvalues
+
+        maxiter = 100 if maxiter is None else maxiter
+        values, vectors, hvps = pyhessian_eigenvalues(probe, k_eff, tol=tol, maxiter=maxiter, seed=seed)
+        order = np.argsort(values)[::-1]
+        vectors = vectors[:, order.copy()]
+        values = [values[i] for i in order]
+        residuals = [
+            float((op.matvec(vectors[:, i]) - values[i] * vectors[:, i]).norm()) for i in range(k_eff)
+        ]
+        probe.counts["pyhessian_hvp"] = hvps
+        solve = EigenSolve(
+            values,
+            vectors,
+            hvps,
+            residuals,
+            all(r <= tol * abs(v) for r, v in zip(residuals, values, strict=True)),
+        )
+        extra = {
+            "pyhessian_stopping": "relative change of successive Rayleigh quotients < tol, per eigenvalue",
+            "residuals": "||H y - theta y|| measured after PyHessian, with HessianOperator",
+        }
     return EigenResult(
         eigenvalues=solve.eigenvalues,
         eigenvectors=solve.eigenvectors.T.contiguous() if return_eigenvectors else None,
@@ -506,7 +546,8 @@ def hessian_top_eigenvalues(
             method=method,
             tol=tol,
             maxiter=maxiter,
-            **_common_settings(op, loss_fn, keep_graph),
+            **extra,
+            **_common_settings(op),
         ),
     )
 
@@ -520,57 +561,78 @@ def hessian_trace(
     seed: int = 0,
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
-    keep_graph: bool = True,
+    keep_graph: bool | None = None,
+    method: str = "hutchinson",
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> TraceResult:
     """tr(H) by Hutchinson's estimator (Hutchinson 1990) with seeded Rademacher vectors.
 
     Each sample is v^T H v (one HVP); `trace` is their mean and `stderr` its standard error
     (sample standard deviation / sqrt(count)). After `min_samples` samples it stops as soon
-    as stderr <= tol * |trace|, else after `maxiter` samples (`converged` False). PyHessian
-    stops instead when the running mean changes by less than tol relative to the mean,
-    without abs(), so a negative mean stops it at once; the standard error is a real
-    accuracy statement.
+    as stderr <= tol * |trace|, else after `maxiter` samples (`converged` False).
+    `method="pyhessian"` runs PyHessian's own `trace()` instead (same probe set and BN mode):
+    it stops when the running mean changes by less than tol relative to the mean, without
+    abs(), so a negative mean stops it at once; the mean and standard error of the samples it
+    returns are reported the same way, and `converged` says whether its rule stopped it.
     """
     if tol <= 0:
         raise SharpError(f"tol={tol}: the tolerance must be positive")
     if min_samples < 2 or maxiter < min_samples:
         raise SharpError(f"min_samples={min_samples}, maxiter={maxiter}: choose 2 <= min_samples <= maxiter")
-    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph)
-    gen = torch.Generator().manual_seed(seed)
-    samples: list[float] = []
-    trace = stderr = 0.0
+    if method not in TRACE_METHODS:
+        raise SharpError(f"trace method {method!r} is unknown: choose one of {', '.join(TRACE_METHODS)}")
+    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph, bn_data, bn_batch)
     converged = False
-    bar = progress_bar(total=maxiter, desc="hutchinson", enabled=progress, leave=False)
-    try:
-        while len(samples) < maxiter:
-            v = _random_vector(gen, op.n, "rademacher", op.dtype, op.device)
-            samples.append(float(op.matvec(v) @ v))
-            bar.update(1)
-            if len(samples) >= 2:
-                trace = float(np.mean(samples))
-                stderr = float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
-                bar.set_postfix(trace=f"{trace:.4g}", stderr=f"{stderr:.2g}")
-            if len(samples) >= min_samples and stderr <= tol * abs(trace):
-                converged = True
-                break
-    finally:
-        bar.close()
+    if method == "pyhessian":
+        from sharp.probes.pyhessian_bridge import pyhessian_trace
+
+        samples, hvps = pyhessian_trace(probe, maxiter=maxiter, tol=tol, seed=seed)
+        probe.counts["pyhessian_hvp"] = hvps
+        converged = len(samples) < maxiter
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        samples = []
+        bar = progress_bar(total=maxiter, desc="hutchinson", enabled=progress, leave=False)
+        try:
+            while len(samples) < maxiter:
+                samples.append(
+                    op.quadratic_form(_random_vector(gen, op.n, "rademacher", op.dtype, op.device))
+                )
+                bar.update(1)
+                if len(samples) >= min_samples:
+                    mean, stderr = _mean_stderr(samples)
+                    bar.set_postfix(trace=f"{mean:.4g}", stderr=f"{stderr:.2g}")
+                    if stderr <= tol * abs(mean):
+                        converged = True
+                        break
+        finally:
+            bar.close()
+    trace, stderr = _mean_stderr(samples)
     return TraceResult(
         trace=trace,
         stderr=stderr,
         samples=samples,
         converged=converged,
+        method=method,
         **probe.result_fields(
             seed=seed,
             iterations=len(samples),
             tol=tol,
             maxiter=maxiter,
             min_samples=min_samples,
-            estimator="hutchinson-rademacher",
-            **_common_settings(op, loss_fn, keep_graph),
+            estimator="hutchinson-rademacher" if method == "hutchinson" else "pyhessian trace()",
+            uncertainty="sample std of the samples / sqrt(count)",
+            **_common_settings(op),
         ),
     )
+
+
+def _mean_stderr(samples: list[float]) -> tuple[float, float]:
+    if len(samples) < 2:
+        return (float(samples[0]) if samples else math.nan), math.nan
+    return float(np.mean(samples)), float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
 
 
 def hessian_density(
@@ -584,7 +646,9 @@ def hessian_density(
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
     start: str = "rademacher",
-    keep_graph: bool = True,
+    keep_graph: bool | None = None,
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> DensityResult:
     """The Hessian's spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad
@@ -597,8 +661,10 @@ def hessian_density(
     the density is the average over runs of sum_j w_j N(x; θ_j, σ²), tabulated on
     `grid_size` points over [min θ - 5σ, max θ + 5σ] and scaled so that its trapezoid
     integral on the grid is exactly 1. Its mean sum_j w_j θ_j = v^T H v / v^T v estimates
-    tr(H) / n. Default σ: 1 % of the Ritz-value range (of max |θ| if the range is 0).
-    `iterations` is the total number of Lanczos steps (= HVPs).
+    tr(H) / n. Default σ: 1 % of the Ritz-value range (of max |θ| if the range is 0); a σ
+    below the grid spacing is refused (the Gaussians are then not resolved and the
+    density's moments are off). The spread over runs is reported (`density_std`,
+    `trace_std`). `iterations` is the total number of Lanczos steps (= HVPs).
     """
     if n_runs < 1 or n_iter < 1:
         raise SharpError(f"n_runs={n_runs}, n_iter={n_iter}: both must be at least 1")
@@ -608,7 +674,7 @@ def hessian_density(
         raise SharpError(f"sigma={sigma}: the smoothing width must be positive (or None for the default)")
     if start not in STARTS:
         raise SharpError(f"start {start!r} is unknown: choose 'rademacher' or 'gaussian'")
-    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph)
+    probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph, bn_data, bn_batch)
     sigma_given = sigma
     gen = torch.Generator().manual_seed(seed)
     steps = min(n_iter, op.n)
@@ -633,19 +699,31 @@ def hessian_density(
         width = hi - lo
         sigma = DENSITY_SIGMA_FRACTION * (width if width > 0 else max(abs(hi), abs(lo), 1e-12))
     pad = DENSITY_PAD_SIGMAS * sigma
+    spacing = (hi - lo + 2 * pad) / (grid_size - 1)
+    if sigma < spacing:
+        raise SharpError(
+            f"sigma={sigma:.3g} is below the grid spacing {spacing:.3g}: raise grid_size (--density-grid) "
+            "or sigma, so that each Gaussian spans grid points"
+        )
     grid = np.linspace(lo - pad, hi + pad, grid_size)
-    density = np.zeros_like(grid)
+    per_run = []
     for theta, w in zip(ritz_values, weights, strict=True):
         z = (grid[:, None] - theta[None, :]) / sigma
-        density += (np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ w
-    density /= n_runs
-    density /= trapezoid(density, grid)
+        per_run.append((np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ w)
+    runs = np.stack(per_run)
+    norm = trapezoid(runs.mean(0), grid)
+    density = runs.mean(0) / norm
+    traces = [float(op.n * np.dot(t, w)) for t, w in zip(ritz_values, weights, strict=True)]
     return DensityResult(
         grid=grid.tolist(),
         density=density.tolist(),
+        density_std=(runs.std(0, ddof=1) / norm).tolist() if n_runs >= 2 else None,
         ritz_values=[t.tolist() for t in ritz_values],
         weights=[w.tolist() for w in weights],
         sigma=float(sigma),
+        trace_estimates=traces,
+        trace_mean=float(np.mean(traces)),
+        trace_std=float(np.std(traces, ddof=1)) if n_runs >= 2 else None,
         **probe.result_fields(
             seed=seed,
             iterations=sum(len(t) for t in ritz_values),
@@ -655,6 +733,7 @@ def hessian_density(
             sigma_rule="given" if sigma_given is not None else f"{DENSITY_SIGMA_FRACTION} x Ritz range",
             grid_size=grid_size,
             start=start,
-            **_common_settings(op, loss_fn, keep_graph),
+            uncertainty="pointwise sample std of the runs' densities; sample std of their trace estimates",
+            **_common_settings(op),
         ),
     )

@@ -2,9 +2,11 @@
 
 `interpolate` evaluates f(θ(α)) with θ(α) = (1 − α)·θ_a + α·θ_b, the parametric plot of
 Keskar et al. 2017 (Fig. 3, "On Large-Batch Training for Deep Learning"): with model_a the
-small-batch solution x_s and model_b the large-batch one x_l, θ(α) = α x_l + (1 − α) x_s.
-BN running statistics along the line are recomputed on training data at each α (default),
-blended like the weights (loss-landscape's "states" mode), or kept from model_a.
+small-batch solution x_s and model_b the large-batch one x_l, θ(α) = α x_l + (1 − α) x_s;
+or along their Fig. 7 curve θ(α) = sin(απ/2) x_l + cos(απ/2) x_s (`path="sin"`). BN
+running statistics along the path are recomputed on training data at each α (default),
+blended (loss-landscape's "states" mode, variances in log space), kept from model_a, or
+replaced by batch statistics.
 
 `random_direction_scan` evaluates f(θ + α d₁) or f(θ + α d₁ + β d₂) along Gaussian directions
 filter-normalized to the scanned model (Li et al. 2018, "Visualizing the Loss Landscape of
@@ -15,6 +17,7 @@ the same draws give each model directions scaled to its own filters.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,20 +28,21 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
 
 from sharp.errors import SharpError
+from sharp.fileio import atomic_write_bytes
+from sharp.probes.bn import bn_layers, recompute_bn_statistics
 from sharp.probes.common import (
     Batch,
     LossFn,
     ProbeModel,
     ProbeResult,
     cross_entropy,
-    prepare_batches,
 )
 from sharp.progress import progress_bar
 
-BN_BUFFER_MODES = ("recompute", "interpolate", "a")
+BN_BUFFER_MODES = ("recompute", "interpolate", "a", "batch")
+PATHS = ("line", "sin")
 IGNORE_MODES = ("biasbn", "none")
 DIRECTIONS_FORMAT = "sharp-directions-1"
 
@@ -103,7 +107,8 @@ def _as_alphas(values: Sequence[float] | str, name: str) -> list[float]:
 
 @dataclass(kw_only=True)
 class InterpolationResult(ProbeResult):
-    """Train/test loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b (Keskar et al. 2017, Fig. 3)."""
+    """Train/test loss and accuracy along θ(α) between two solutions (Keskar et al. 2017, Fig. 3
+    for the line, Fig. 7 for the sine path)."""
 
     kind: ClassVar[str] = "interpolation"
     alphas: list[float] = field(default_factory=list)
@@ -111,8 +116,21 @@ class InterpolationResult(ProbeResult):
     train_acc: list[float] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
+    path: str = "line"
     bn: str = "recompute"
     distance: float = 0.0  # ‖θ_b − θ_a‖₂ over parameters (buffers excluded)
+
+
+def path_coefficients(alpha: float, path: str) -> tuple[float, float]:
+    """(c_a, c_b) with θ(α) = c_a θ_a + c_b θ_b: (1 − α, α) on the line; (cos(απ/2), sin(απ/2))
+    on the sine path. Exactly (1, 0) at α = 0 and (0, 1) at α = 1 on both."""
+    if alpha == 0.0:
+        return 1.0, 0.0
+    if alpha == 1.0:
+        return 0.0, 1.0
+    if path == "line":
+        return 1.0 - alpha, alpha
+    return math.cos(alpha * math.pi / 2), math.sin(alpha * math.pi / 2)
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -137,27 +155,14 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
             )
 
 
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def _recompute_bn(model: nn.Module, batches: list[Batch]) -> None:
-    """Reset BN running statistics and recompute them with torch.optim.swa_utils.update_bn.
-
-    update_bn sets momentum=None (a cumulative average: each batch counts equally, whatever
-    its size) and restores the momenta afterwards. Ghost-BN layers are switched to ordinary
-    BN for the pass, because ghost splitting is a training-time choice and its closed-form
-    update needs a numeric momentum.
-    """
-    ghost = {m: getattr(m, "ghost_batch", None) for m in _bn_modules(model) if hasattr(m, "ghost_batch")}
-    for module in ghost:
-        module.ghost_batch = None
-    try:
-        update_bn(batches, model)
-    finally:
-        for module, value in ghost.items():
-            module.ghost_batch = value
+BN_BUFFER_TEXT = {
+    "recompute": "recomputed at each alpha from bn_data by sharp.probes.bn.recompute_bn_statistics (exact "
+    "per-channel mean and unbiased variance over all its examples, layer by layer in eval mode)",
+    "interpolate": "running means and other floating buffers blended like the weights, running variances "
+    "in log space (a geometric blend, positive at every alpha); integer buffers from model_a",
+    "a": "all buffers from model_a",
+    "batch": "batch statistics: each BN group of bn_batch consecutive examples normalized by its own",
+}
 
 
 def interpolate(
@@ -168,31 +173,49 @@ def interpolate(
     alphas: Sequence[float] | str,
     bn: str = "recompute",
     loss_fn: LossFn = cross_entropy,
-    bn_batches: Iterable[Batch] | None = None,
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
+    path: str = "line",
     progress: bool = False,
 ) -> InterpolationResult:
-    """Mean train/test loss and accuracy at θ(α) = (1 − α)·θ_a + α·θ_b for each α.
+    """Mean train/test loss and accuracy at θ(α) = c_a(α) θ_a + c_b(α) θ_b for each α.
 
-    Keskar et al. 2017 (Fig. 3) plot f(α x_l + (1 − α) x_s) for α in [−1, 2]: pass the
-    small-batch solution as model_a (α = 0) and the large-batch one as model_b (α = 1).
-    All parameters are interpolated. BN buffers, by `bn`:
-      - "recompute": reset and recomputed at each α on `bn_batches` (default: the train
-        batches) with torch.optim.swa_utils.update_bn (cumulative average over batches);
-      - "interpolate": floating buffers blended like the weights (loss-landscape's "states");
-        integer buffers (num_batches_tracked) taken from model_a;
-      - "a": all buffers from model_a.
+    Keskar et al. 2017 plot f(α x_l + (1 − α) x_s) for α in [−1, 2] (Fig. 3, `path="line"`)
+    and f(sin(απ/2) x_l + cos(απ/2) x_s) (Fig. 7, `path="sin"`): pass the small-batch
+    solution as model_a (α = 0) and the large-batch one as model_b (α = 1); see
+    `path_coefficients`. All parameters are interpolated. BN, by `bn`:
+      - "recompute": running statistics recomputed at each α from `bn_data` (default: the
+        train batches) by `sharp.probes.bn.recompute_bn_statistics`;
+      - "interpolate": running means blended like the weights and running variances in log
+        space, var(α) = var_a^{1 − α} var_b^{α} (the line only: a linear blend of variances goes
+        negative outside [0, 1], which gave NaN at α = −1 and 2); integer buffers
+        (num_batches_tracked) from model_a;
+      - "a": all buffers from model_a;
+      - "batch": batch statistics, in BN groups of `bn_batch` consecutive examples (the only
+        mode for BN layers that keep no running statistics).
     Non-BN floating buffers are blended in "recompute" and "interpolate" modes. Evaluation is
     in eval mode on a working copy in model_a's dtype and device; the caller's models are
     not modified. Losses are exact means over all examples of each probe set.
     """
     if bn not in BN_BUFFER_MODES:
-        raise SharpError(f"bn {bn!r} is unknown: choose 'recompute', 'interpolate' or 'a'")
+        raise SharpError(f"bn {bn!r} is unknown: choose one of {', '.join(BN_BUFFER_MODES)}")
+    if path not in PATHS:
+        raise SharpError(f"path {path!r} is unknown: choose 'line' or 'sin'")
+    if path == "sin" and bn == "interpolate":
+        raise SharpError("bn 'interpolate' blends statistics along the line only: use bn 'recompute' or 'a'")
+    if bn_batch is not None and bn != "batch":
+        raise SharpError(f"bn_batch applies to bn 'batch' only, not {bn!r}")
     check_same_architecture(model_a, model_b)
     alpha_list = _as_alphas(alphas, "alphas")
 
-    train = ProbeModel(model_a, train_batches, loss_fn, bn_mode="eval")
-    test = ProbeModel(model_a, test_batches, loss_fn, bn_mode="eval")
-    bn_set = prepare_batches(train.model, bn_batches) if bn_batches is not None else train.batches
+    mode = "batch" if bn == "batch" else "eval"
+    train = ProbeModel(model_a, train_batches, loss_fn, bn_mode=mode, bn_batch=bn_batch)
+    test = ProbeModel(model_a, test_batches, loss_fn, bn_mode=mode, bn_batch=bn_batch)
+    if bn == "recompute":
+        # moved to the model's device batch by batch, re-read at each alpha (a generator once, into a list)
+        bn_set = train.batches if bn_data is None else list(bn_data) if iter(bn_data) is bn_data else bn_data
+    elif bn_data is not None:
+        raise SharpError(f"bn_data is used by bn 'recompute' only, not {bn!r}")
 
     param_names = {name for name, _ in train.model.named_parameters()}
     bn_buffer_names = {
@@ -202,9 +225,8 @@ def interpolate(
         for name, _ in module.named_buffers(recurse=False)
     }
     sd_a = {k: v.detach().clone() for k, v in train.model.state_dict().items()}
-    sd_b = {
-        k: v.detach().to(device=sd_a[k].device, dtype=sd_a[k].dtype) for k, v in model_b.state_dict().items()
-    }
+    state_b = model_b.state_dict()
+    sd_b = {k: state_b[k].detach().to(device=v.device, dtype=v.dtype) for k, v in sd_a.items()}
 
     def blended(key: str) -> bool:
         if key in param_names:
@@ -216,21 +238,28 @@ def interpolate(
         return bn != "a"
 
     blend_keys = [k for k in sd_a if blended(k)]
+    log_keys = {k for k in blend_keys if k in bn_buffer_names and k.endswith("running_var")}
+    log_a = {k: sd_a[k].log() for k in log_keys}
+    log_b = {k: sd_b[k].log() for k in log_keys}
     distance = math.sqrt(sum(float((sd_b[k].double() - sd_a[k].double()).pow(2).sum()) for k in param_names))
     norm_a = math.sqrt(sum(float(sd_a[k].double().pow(2).sum()) for k in param_names))
     norm_b = math.sqrt(sum(float(sd_b[k].double().pow(2).sum()) for k in param_names))
 
-    has_bn = bool(_bn_modules(train.model))
-    bn_updates = 0
+    layers = len(bn_layers(train.model))
+    bn_updates, bn_examples = 0, None
     out: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
     for alpha in progress_bar(alpha_list, desc="interpolating", unit="point", enabled=progress):
+        c_a, c_b = path_coefficients(alpha, path)
         state = dict(sd_a)
         for key in blend_keys:
-            # (1 − α)·a + α·b rather than a + α(b − a): exactly a at α=0 and exactly b at α=1.
-            state[key] = sd_a[key] * (1.0 - alpha) + sd_b[key] * alpha
+            # c_a·a + c_b·b rather than a + α(b − a): exactly a at α=0 and exactly b at α=1.
+            if key in log_keys and c_a and c_b:  # at the endpoints the buffers themselves (exp∘log rounds)
+                state[key] = (log_a[key] * c_a + log_b[key] * c_b).exp()
+            else:
+                state[key] = sd_a[key] * c_a + sd_b[key] * c_b
         train.model.load_state_dict(state)
-        if bn == "recompute" and has_bn:
-            _recompute_bn(train.model, bn_set)
+        if bn == "recompute" and layers:
+            bn_examples = recompute_bn_statistics(train.model, bn_set)["examples"]
             bn_updates += 1
         test.model.load_state_dict(train.model.state_dict())
         loss, acc = train.loss_and_accuracy()
@@ -241,27 +270,27 @@ def interpolate(
         out["test_acc"].append(acc)
 
     fields = train.result_fields(
-        interpolation="(1 - alpha) * theta_a + alpha * theta_b over all parameters",
+        interpolation={
+            "line": "(1 - alpha) * theta_a + alpha * theta_b over all parameters",
+            "sin": "cos(alpha pi / 2) * theta_a + sin(alpha pi / 2) * theta_b over all parameters",
+        }[path],
         model_a="alpha = 0 (x_s in Keskar et al. 2017)",
         model_b="alpha = 1 (x_l in Keskar et al. 2017)",
         n_test_examples=test.n_examples,
-        bn_buffers={
-            "recompute": "reset and recomputed at each alpha with torch.optim.swa_utils.update_bn "
-            "(cumulative average over batches, ghost BN off)",
-            "interpolate": "floating buffers blended like the weights; integer buffers from model_a",
-            "a": "all buffers from model_a",
-        }[bn],
-        bn_batches=("train" if bn_batches is None else "given") if bn == "recompute" else None,
-        n_bn_examples=sum(len(t) for _, t in bn_set) if bn == "recompute" else None,
-        has_bn=has_bn,
+        bn_buffers=BN_BUFFER_TEXT[bn],
+        bn_batches=("train" if bn_data is None else "given") if bn == "recompute" else None,
+        n_bn_examples=bn_examples,
+        bn_batch=bn_batch,
+        has_bn=bool(layers),
         norm_a=norm_a,
         norm_b=norm_b,
     )
+    fields["bn_settings"]["mode"] = bn
     fields["evaluations"] = {
         "loss": train.counts["loss"] + test.counts["loss"],  # passes over the train or test set
         **({"bn_update": bn_updates} if bn_updates else {}),
     }
-    return InterpolationResult(**fields, alphas=alpha_list, bn=bn, distance=distance, **out)
+    return InterpolationResult(**fields, alphas=alpha_list, path=path, bn=bn, distance=distance, **out)
 
 
 # --- random directions ----------------------------------------------------------------------
@@ -376,10 +405,9 @@ def save_directions(
         "directions": [{k: v.detach().cpu().clone().contiguous() for k, v in d.items()} for d in directions],
         "meta": meta,
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_directions(path: str | Path) -> tuple[list[Direction], dict[str, Any]]:
@@ -424,6 +452,8 @@ def random_direction_scan(
     ignore: str = "biasbn",
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> ScanResult:
     """Loss along θ + α d₁ (1-D) or on θ + α d₁ + β d₂ (2-D) (Li et al. 2018).
@@ -431,14 +461,16 @@ def random_direction_scan(
     Directions are Gaussian draws from `seed` (or `directions`, raw or normalized to any
     model of this architecture), filter-normalized to THIS model before the scan, so two
     models scanned on the same saved draws each get directions scaled to their own filters,
-    as Li et al. do. Only parameters move; BN buffers stay the model's (bn_mode="eval") or
-    BN uses batch statistics (bn_mode="batch"). The caller's model is not modified.
+    as Li et al. do. Only parameters move; BN statistics stay those of the scanned weights
+    (bn_mode="eval": the model's own; "recompute": recomputed once at θ from `bn_data`) or
+    BN uses batch statistics (bn_mode="batch", groups of `bn_batch`). The caller's model is
+    not modified.
     """
     _check_ignore(ignore)
     alpha_list = _as_alphas(alphas, "alphas")
     beta_list = None if betas is None else _as_alphas(betas, "betas")
     count = 1 if beta_list is None else 2
-    probe = ProbeModel(model, batches, loss_fn, bn_mode=bn_mode)
+    probe = ProbeModel(model, batches, loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     work = probe.model
 
     if directions is None:

@@ -34,14 +34,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from sharp.errors import SharpError
-from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
+from sharp.gradients import flat_grad
+from sharp.probes.common import (
+    Batch,
+    ExamplePool,
+    LossFn,
+    ProbeModel,
+    ProbeResult,
+    TensorPool,
+    check_count,
+    cross_entropy,
+)
+from sharp.probes.hessian import HessianOperator
 from sharp.progress import progress_bar
 
 
@@ -65,6 +77,11 @@ class NoiseScaleResult(ProbeResult):
     kind: ClassVar[str] = "noise_scale"
     b_simple: float | None = None  # None when the |G|² estimate is not positive (take more pairs)
     b_simple_stderr: float | None = None  # delta-method standard error over the pairs
+    b_simple_repeats: list[float | None] = field(default_factory=list)  # one estimate per block of draws
+    b_simple_mean: float | None = None  # mean of b_simple_repeats
+    b_simple_std: float | None = None  # sample std of b_simple_repeats
+    population: int = 0  # N, the examples of the pool the batches are drawn from
+    pool: str = "probe set"  # what the pool is ("training split", "probe set", ...)
     g2: float = math.nan  # |G|² estimate
     trace_sigma: float = math.nan  # tr(Σ) estimate (population covariance of the pool)
     b_small: int = 0
@@ -82,40 +99,8 @@ class NoiseScaleResult(ProbeResult):
     trace_h_sigma: float | None = None  # tr(HΣ) estimate
 
 
-def _flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-
-
 def _squared_norm(vector: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(vector, dtype=torch.float64).square()
-
-
-def _batch_gradient(pm: ProbeModel, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Flat gradient of the mean loss over one drawn batch, run in pieces of at most `chunk`."""
-    n = len(targets)
-    for p in pm.params:
-        p.grad = None
-    for start in range(0, n, chunk):
-        x, y = inputs[start : start + chunk], targets[start : start + chunk]
-        (pm.loss_fn(pm.model(x), y) * (len(y) / n)).backward()
-    grad = _flat_grad(pm.params)
-    for p in pm.params:
-        p.grad = None
-    pm.counts["grad"] += 1
-    return grad
-
-
-def _hessian_quadratic_forms(pm: ProbeModel, vectors: Sequence[torch.Tensor]) -> list[float]:
-    """vᵀHv for each v, H the Hessian of the probe set's mean loss (double backward, one pass)."""
-    totals = [0.0] * len(vectors)
-    for weight, batch in zip(pm.weights, pm.batches, strict=True):
-        grads = torch.autograd.grad(pm.batch_loss(batch) * weight, pm.params, create_graph=True)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for i, v in enumerate(vectors):
-            hv = torch.autograd.grad(flat @ v, pm.params, retain_graph=i + 1 < len(vectors))
-            totals[i] += float(torch.cat([h.reshape(-1) for h in hv]).double() @ v.double())
-    pm.counts["hvp"] += len(vectors)
-    return totals
 
 
 def gradient_noise_scale(
@@ -129,44 +114,63 @@ def gradient_noise_scale(
     bn_mode: str = "eval",
     replacement: bool = False,
     estimate_b_noise: bool = False,
+    repeats: int = 5,
+    pool: ExamplePool | None = None,
+    pool_name: str | None = None,
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> NoiseScaleResult:
-    """The simple noise scale B_simple = tr(Σ)/|G|² of the probe set at the model's parameters.
+    """The simple noise scale B_simple = tr(Σ)/|G|² of a pool of examples at the model's parameters.
 
-    McCandlish et al. 2018, Appendix A. The probe set's N examples are the pool; each of
-    `n_pairs` draws takes a batch of `b_small` and a disjoint batch of `b_big` examples (one
-    seeded permutation per draw, so no example repeats in a draw) and computes their
-    mean-loss gradients. Drawing without replacement lowers E|G_B|² by the finite-population
-    correction (N − B)/(N − 1) on the noise term, which the estimator applies exactly (see the
-    module docstring), so the results are the pool's own |G|² and population tr(Σ) even when
-    b_big is close to N. `replacement=True` draws every example independently instead
-    (repeats allowed, c(B) = 1/B): the same targets.
+    McCandlish et al. 2018, Appendix A. The pool is `pool` (any `ExamplePool`, e.g. a run's
+    whole training split: then G and Σ are the training set's own) or, without one, the
+    probe set `batches`. Each of `n_pairs` draws takes a batch of `b_small` and a disjoint
+    batch of `b_big` examples (one seeded permutation per draw, so no example repeats in a
+    draw) and computes their mean-loss gradients. Drawing without replacement lowers
+    E|G_B|² by the finite-population correction (N − B)/(N − 1) on the noise term, N the pool
+    size (`population`), which the estimator applies exactly (see the module docstring), so
+    the results are the pool's own |G|² and population tr(Σ) even when b_big is close to N.
+    `replacement=True` draws every example independently instead (repeats allowed,
+    c(B) = 1/B): the same targets.
+
+    `b_simple` is the ratio of the estimates over all draws, with `b_simple_stderr` its
+    delta-method standard error; the draws are also cut into `repeats` consecutive blocks,
+    each giving its own estimate: `b_simple_mean` ± `b_simple_std` over those blocks is the
+    spread of an estimate from n_pairs / repeats draws.
 
     With `estimate_b_noise=True` the same draws also give B_noise = tr(HΣ)/(GᵀHG), H the
-    Hessian of the probe set's mean loss: E[G_Bᵀ H G_B] = GᵀHG + c(B) tr(HΣ), so the quadratic forms take
-    the place of the squared norms (two Hessian-vector products over the probe set per draw).
+    Hessian of the probe set's mean loss (`HessianOperator`): E[G_Bᵀ H G_B] = GᵀHG +
+    c(B) tr(HΣ), so the quadratic forms take the place of the squared norms (two HVPs per draw).
 
-    In bn_mode="eval" the drawn batches are run in pieces no larger than the largest probe
-    batch (exact); with bn_mode="batch" each drawn batch is one forward pass, normalized by
-    its own statistics.
+    In the eval modes the drawn batches are run in pieces no larger than the largest probe
+    batch (exact); with bn_mode="batch" each drawn batch is normalized in BN groups of
+    bn_batch (or as one group without it).
     """
     if not (isinstance(b_small, int) and isinstance(b_big, int) and 1 <= b_small < b_big):
         raise SharpError(f"b_small {b_small} and b_big {b_big}: need whole numbers 1 <= b_small < b_big")
     if not (isinstance(n_pairs, int) and n_pairs >= 1):
         raise SharpError(f"n_pairs {n_pairs} must be a positive whole number")
-    pm = ProbeModel(model, batches, loss_fn, bn_mode)
-    n = pm.n_examples
+    repeats = check_count("repeats", repeats, minimum=2)
+    if n_pairs < repeats:
+        raise SharpError(f"n_pairs {n_pairs} is fewer than repeats {repeats}: give n_pairs >= repeats")
+    pm = ProbeModel(model, batches, loss_fn, bn_mode, bn_data=bn_data, bn_batch=bn_batch)
+    source = pool if pool is not None else TensorPool.of(pm.batches)
+    n = len(source)
     if not replacement and b_small + b_big > n:
         raise SharpError(
-            f"b_small + b_big = {b_small + b_big} exceeds the {n} probe examples: lower b_big, "
-            "give a larger probe set, or pass replacement=True"
+            f"b_small + b_big = {b_small + b_big} exceeds the {n} examples of the pool: lower b_big, "
+            "give a larger pool, or pass replacement=True"
         )
-    inputs = torch.cat([x for x, _ in pm.batches])
-    targets = torch.cat([y for _, y in pm.batches])
-    chunk = max(len(y) for _, y in pm.batches) if bn_mode == "eval" else b_big
     population = None if replacement else n
     c_small, c_big = noise_coefficient(b_small, population), noise_coefficient(b_big, population)
     gen = torch.Generator().manual_seed(seed)
+    hessian = HessianOperator(pm) if estimate_b_noise else None
+
+    def gradient(index: torch.Tensor) -> torch.Tensor:
+        inputs, targets = source.take(index)
+        inputs = inputs.to(device=pm.device, dtype=pm.dtype) if inputs.is_floating_point() else inputs
+        return pm.batch_gradient((inputs.to(pm.device), targets.to(pm.device)))[1]
 
     small, big, q_small, q_big = [], [], [], []
     for _ in progress_bar(range(n_pairs), desc="noise scale", enabled=progress, leave=False):
@@ -174,22 +178,26 @@ def gradient_noise_scale(
             index = torch.randint(0, n, (b_small + b_big,), generator=gen)
         else:
             index = torch.randperm(n, generator=gen)[: b_small + b_big]
-        index = index.to(inputs.device)
-        g_small = _batch_gradient(pm, inputs[index[:b_small]], targets[index[:b_small]], chunk)
-        g_big = _batch_gradient(pm, inputs[index[b_small:]], targets[index[b_small:]], chunk)
+        g_small, g_big = gradient(index[:b_small]), gradient(index[b_small:])
         small.append(_squared_norm(g_small))
         big.append(_squared_norm(g_big))
-        if estimate_b_noise:
-            qs, qb = _hessian_quadratic_forms(pm, [g_small, g_big])
-            q_small.append(qs)
-            q_big.append(qb)
+        if hessian is not None:
+            q_small.append(hessian.quadratic_form(g_small))
+            q_big.append(hessian.quadratic_form(g_big))
     small_norms = torch.stack(small).tolist()  # one device sync for all draws
     big_norms = torch.stack(big).tolist()
 
     g2_small_mean, g2_big_mean = _mean(small_norms), _mean(big_norms)
     g2, trace_sigma = two_batch_estimate(g2_small_mean, c_small, g2_big_mean, c_big)
+    blocks = []
+    for block in np.array_split(np.arange(n_pairs), repeats):
+        block_g2, block_trace = two_batch_estimate(
+            _mean([small_norms[i] for i in block]), c_small, _mean([big_norms[i] for i in block]), c_big
+        )
+        blocks.append(block_trace / block_g2 if block_g2 > 0 else None)
+    valid = [b for b in blocks if b is not None]
     fields: dict[str, Any] = {}
-    if estimate_b_noise:
+    if hessian is not None:
         ghg, trace_h_sigma = two_batch_estimate(_mean(q_small), c_small, _mean(q_big), c_big)
         fields = {
             "ghg": ghg,
@@ -205,15 +213,23 @@ def gradient_noise_scale(
             n_pairs=n_pairs,
             replacement=replacement,
             estimate_b_noise=estimate_b_noise,
+            repeats=repeats,
+            uncertainty="b_simple_stderr: delta method over the draws; b_simple_std: sample std of the "
+            "estimates of `repeats` blocks of draws",
         ),
         b_simple=trace_sigma / g2 if g2 > 0 else None,
         b_simple_stderr=_ratio_stderr(small_norms, big_norms, c_small, c_big) if g2 > 0 else None,
+        b_simple_repeats=blocks,
+        b_simple_mean=float(np.mean(valid)) if valid else None,
+        b_simple_std=float(np.std(valid, ddof=1)) if len(valid) >= 2 else None,
         g2=g2,
         trace_sigma=trace_sigma,
         b_small=b_small,
         b_big=b_big,
         n_pairs=n_pairs,
         replacement=replacement,
+        population=n,
+        pool=pool_name or ("probe set" if pool is None else "given pool"),
         g2_small_mean=g2_small_mean,
         g2_big_mean=g2_big_mean,
         c_small=c_small,
@@ -331,12 +347,12 @@ class OnlineNoiseScale:
         self._count = count
         self._small, self._coefficients = [], []
         has_grad = any(p.grad is not None for p in self._params)
-        self._start = _flat_grad(self._params).clone() if has_grad else None
+        self._start = flat_grad(self._params).clone() if has_grad else None
         self._previous = self._start
 
     def after_backward(self, size: int) -> None:
         """Call after the backward of a micro-batch of `size` examples (loss sum / count)."""
-        current = _flat_grad(self._params)
+        current = flat_grad(self._params)
         delta = current if self._previous is None else current - self._previous
         # the micro-batch added (size/count) g_k: undo that before squaring
         self._small.append(_squared_norm(delta) * (self._count / size) ** 2)

@@ -18,7 +18,7 @@ is put back at the unperturbed weights before returning (also when an error esca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,13 +29,23 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
-from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
+from sharp.probes.common import (
+    Batch,
+    LossFn,
+    ProbeModel,
+    ProbeResult,
+    check_count,
+    check_positive,
+    cross_entropy,
+    regroup,
+)
 from sharp.progress import progress_bar
 
 NORMS = ("linf", "l2")
 APGD_MOMENTUM = 0.75  # weight of the new step; 1 - 0.75 goes to the previous step (Croce & Hein 2020)
 APGD_MIN_UPDATE_RATIO = 0.75
 BOUND_RTOL = 1e-9  # a coordinate within this relative distance of its bound counts as "at the bound"
+LBFGS_MAXFUN = 100_000  # evaluations: never the binding limit (maxiter and the line search, 20 each, are)
 
 
 # --- results ------------------------------------------------------------------------------
@@ -43,19 +53,32 @@ BOUND_RTOL = 1e-9  # a coordinate within this relative distance of its bound cou
 
 @dataclass(kw_only=True)
 class SharpnessResult(ProbeResult):
-    """Keskar et al. 2017 epsilon-sharpness, phi_{x,f}(eps, A) in percent."""
+    """Keskar et al. 2017 epsilon-sharpness, phi_{x,f}(eps, A) in percent.
+
+    `sharpness` is the largest phi found over all L-BFGS-B starts; `sharpness_std` the sample
+    standard deviation of phi over the starts that count (the start at y = 0, unless it sits
+    at a stationary point, and each seeded random start), None with fewer than two;
+    `sharpness_zero_start` is the paper's procedure alone (10 iterations from y = 0).
+    """
 
     kind: ClassVar[str] = "epsilon_sharpness"
     sharpness: float
+    sharpness_std: float | None = None
+    sharpness_zero_start: float | None = None
+    uncertainty: str = ""
     f0: float
     fmax: float
     eps: float
     subspace_dim: int | None = None
-    start: str = "zero"  # "zero", or "zero+random" when a second run from a random start was needed
+    start: str = "zero"  # the starts run, joined by "+": "zero", "zero+random1", ...
+    starts: list[dict[str, Any]] = field(default_factory=list)  # per start: phi, iterations, stops, ...
     perturbation_norm: float = 0.0  # ||A y*||_2
     box_fraction_at_bound: float = 0.0  # fraction of the coordinates of y* at their bound
+    n_at_bound: int = 0  # coordinates of y* at their bound
+    box_maximum_reached: bool = False  # y* provably maximizes f over the box (see `_box_maximum`)
     n_params: int = 0
     lbfgs_iterations: int = 0
+    lbfgs_evaluations: int = 0  # function-and-gradient evaluations of all starts
     lbfgs_message: str = ""
     perturbation: torch.Tensor | None = field(default=None, metadata={"json": False})  # A y*, float64
     y: np.ndarray | None = field(default=None, metadata={"json": False})  # y* (box coordinates)
@@ -68,6 +91,7 @@ class AdaptiveSharpnessResult(ProbeResult):
 
     kind: ClassVar[str] = "adaptive_sharpness"
     sharpness: float
+    stderr: float | None = None  # over chunks (data sampling; the ascent itself is deterministic)
     per_batch: list[float] = field(default_factory=list)  # max loss increase of each chunk
     chunk_sizes: list[int] = field(default_factory=list)
     chunk_losses: list[float] = field(default_factory=list)  # L_chunk(w) of each chunk
@@ -94,20 +118,6 @@ class AverageSharpnessResult(ProbeResult):
 
 
 # --- argument checks ----------------------------------------------------------------------
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
-    if not math.isfinite(value) or value <= 0:
-        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
-    return float(value)
-
-
-def _count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise SharpError(f"{name}={value!r} is not allowed: give an integer >= {minimum}")
-    return int(value)
 
 
 def _norm(norm: str) -> str:
@@ -165,15 +175,70 @@ class RandomSubspace:
         return np.stack([self.apply(e).cpu().numpy() for e in np.eye(self.p)], axis=1)
 
 
+def _box_maximum(y: np.ndarray, grad: np.ndarray, bounds: np.ndarray) -> bool:
+    """True when y is a provable (local) maximum of f over the box: every coordinate at a bound
+    with the gradient of f pointing out of the box (or zero) there, so that no feasible
+    direction increases f to first order (the KKT conditions). L-BFGS-B cannot go further."""
+    at_bound = np.abs(y) >= bounds * (1 - BOUND_RTOL)
+    return bool(at_bound.all() and np.all(grad * np.sign(y) >= 0))
+
+
+def _lbfgsb_run(
+    objective: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    best: Callable[[], tuple[float, np.ndarray, np.ndarray]],
+    bounds: np.ndarray,
+    y0: np.ndarray,
+    maxiter: int,
+    on_iteration: Callable[[Any], None],
+) -> dict[str, Any]:
+    """Maximize f over the box from y0 with exactly `maxiter` L-BFGS-B iterations.
+
+    scipy's L-BFGS-B on -f with ftol = 0 and gtol = 0, so neither a small relative change of f
+    nor a small projected gradient ends it. It can still stop early: on an exactly zero
+    projected gradient (a box maximum, or an interior stationary point such as y = 0 at a
+    minimum), when a step leaves f exactly unchanged, or when its line search fails. Unless the
+    point is a provable box maximum (`_box_maximum`), it is then restarted from the best point
+    found so far with the iterations left (a fresh curvature memory), until the budget is spent
+    or a restart finds nothing better. Returns the iterations, evaluations and stop messages.
+    """
+    iterations, evaluations, stops = 0, 0, []
+    y = y0
+    box = scipy.optimize.Bounds(-bounds, bounds)
+    proven = False
+    while iterations < maxiter:
+        before = best()[0]
+        result = scipy.optimize.minimize(
+            lambda v: tuple(-part for part in objective(v)),
+            y,
+            method="L-BFGS-B",
+            jac=True,
+            bounds=box,
+            options={"maxiter": maxiter - iterations, "ftol": 0.0, "gtol": 0.0, "maxfun": LBFGS_MAXFUN},
+            callback=on_iteration,
+        )
+        iterations += int(result.nit)
+        evaluations += int(result.nfev)
+        stops.append(str(result.message))
+        f_best, y_best, g_best = best()
+        proven = _box_maximum(y_best, g_best, bounds)
+        if result.status == 1 or proven or not f_best > before or result.nit == 0:
+            break  # budget spent, box maximum, or a restart that found nothing better
+        y = y_best
+    return {"iterations": iterations, "evaluations": evaluations, "stops": stops, "box_maximum": proven}
+
+
 def epsilon_sharpness(
     model: nn.Module,
     batches: Sequence[Batch] | Batch,
     eps: float = 1e-3,
     subspace_dim: int | None = None,
     maxiter: int = 10,
+    random_starts: int = 1,
     seed: int = 0,
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> SharpnessResult:
     """Keskar et al. 2017 epsilon-sharpness (Metric 2.1), in percent.
@@ -184,23 +249,25 @@ def epsilon_sharpness(
     (A = I: weight i may move by eps (|x_i| + 1)); an integer p draws a `RandomSubspace`
     (A⁺ uniform in [-1, 1] with unit rows, A = pinv(A⁺) = A⁺ᵀ(A⁺A⁺ᵀ)⁻¹) seeded by `seed`.
 
-    The maximum is solved inexactly as in the paper: scipy L-BFGS-B on -f from y = 0 with
-    `maxiter` iterations, loss and gradient from one pass each evaluation (subspace
-    gradient Aᵀ∇f), f in float64 on the scipy side. One deviation, recorded in `settings`:
-    gtol = 0, because scipy's default absolute tolerance (1e-5 on the projected gradient)
-    stops a well-trained net at y = 0 whenever all its gradient entries are below 1e-5.
-    The largest f over all evaluations is kept. At a stationary point L-BFGS-B from y = 0
-    stops at once, so when the gradient at 0 is numerically zero (the first-order increase
-    it promises over the box, sum_i |(Aᵀ∇f)_i| r_i, is below 64 machine epsilons of the
-    model's dtype times 1 + |f(x)|) or the run from 0 found no increase, a second run
-    starts from y0 uniform in [-r/2, r/2] (seeded by `seed`), and the larger maximum is
-    kept; `start` records "zero" or "zero+random".
+    The maximum is solved inexactly as in the paper: scipy L-BFGS-B on -f from y = 0 for
+    `maxiter` iterations (loss and gradient from one pass each evaluation, subspace gradient
+    Aᵀ∇f, f in float64 on the scipy side), run to the iteration budget: see `_lbfgsb_run`
+    (scipy's default tolerances stop next to a minimum after one step that gains almost
+    nothing, reporting a well-trained net as flat). Then `random_starts` more runs of the same
+    budget start from y0 uniform in [-r/2, r/2] (seeded by `seed`). When the start at y = 0 is
+    degenerate (the first-order increase the gradient promises over the box,
+    sum_i |(Aᵀ∇f)_i| r_i, is below 64 machine epsilons of the model's dtype times 1 + |f(x)|,
+    or it found no increase) it does not count and one more random start is added, so there
+    is always at least one informative start. The largest f over all evaluations is kept;
+    `sharpness_std` is the spread of phi over the starts that count (its uncertainty: the
+    maximization is local, and the starts find different maxima).
     """
-    eps = _positive("eps", eps)
-    maxiter = _count("maxiter", maxiter)
-    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode)
+    eps = check_positive("eps", eps)
+    maxiter = check_count("maxiter", maxiter)
+    random_starts = check_count("random_starts", random_starts, minimum=0)
+    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     if subspace_dim is not None:
-        subspace_dim = _count("subspace_dim", subspace_dim)
+        subspace_dim = check_count("subspace_dim", subspace_dim)
     x = pm.get_vector()
     x64 = x.to(torch.float64)
     try:
@@ -216,20 +283,23 @@ def epsilon_sharpness(
                 return torch.from_numpy(y).to(pm.device)
             return subspace.apply(y)
 
-        best = {"f": -math.inf, "y": np.zeros_like(bounds)}
+        best: dict[str, Any] = {"f": -math.inf}  # the best point over all starts: f, y, gradient
+        run_best: dict[str, Any] = {"f": -math.inf}  # the best point of the current start
         cache: dict[str, Any] = {}
 
         def evaluate(y: np.ndarray) -> tuple[float, np.ndarray]:
             """f(x + A y) and Aᵀ∇f, both float64; the unperturbed point is computed once."""
             if "zero" in cache and not y.any():
-                return cache["zero"]
-            pm.set_vector(x64 + full_vector(y))
-            f, grad = pm.loss_and_grad()
-            grad64 = grad.to(torch.float64)
-            gy = grad64.cpu().numpy() if subspace is None else subspace.apply_transpose(grad64)
-            f = float(f)
-            if f > best["f"]:
-                best["f"], best["y"] = f, np.array(y, dtype=np.float64, copy=True)
+                f, gy = cache["zero"]
+            else:
+                pm.set_vector(x64 + full_vector(y))
+                f, grad = pm.loss_and_grad()
+                grad64 = grad.to(torch.float64)
+                gy = grad64.cpu().numpy() if subspace is None else subspace.apply_transpose(grad64)
+                f = float(f)
+            for record in (best, run_best):
+                if f > record["f"]:
+                    record.update(f=f, y=np.array(y, dtype=np.float64, copy=True), g=gy)
             return f, gy
 
         f0, g0 = evaluate(np.zeros_like(bounds))
@@ -237,30 +307,38 @@ def epsilon_sharpness(
         if not math.isfinite(f0):
             raise SharpError(f"the loss at the given weights is {f0}: probe a model with a finite loss")
 
-        bar = progress_bar(total=maxiter, desc="epsilon-sharpness", enabled=progress, leave=False)
-        options = {"maxiter": maxiter, "gtol": 0.0}
-        runs: list[tuple[str, scipy.optimize.OptimizeResult]] = []
+        def phi(f: float) -> float:
+            return (f - f0) / (1 + f0) * 100
 
-        def run(label: str, y0: np.ndarray) -> None:
-            result = scipy.optimize.minimize(
-                lambda y: tuple(-v for v in evaluate(y)),
+        bar = progress_bar(total=maxiter * (1 + random_starts), desc="epsilon-sharpness", enabled=progress)
+        rng = np.random.default_rng(seed)
+        starts: list[dict[str, Any]] = []
+
+        def run(label: str, y0: np.ndarray) -> dict[str, Any]:
+            run_best.clear()
+            run_best["f"] = -math.inf
+            record = _lbfgsb_run(
+                evaluate,
+                lambda: (run_best["f"], run_best.get("y"), run_best.get("g")),
+                bounds,
                 y0,
-                method="L-BFGS-B",
-                jac=True,
-                bounds=scipy.optimize.Bounds(-bounds, bounds),
-                options=options,
-                callback=lambda _y: bar.update(1),
+                maxiter,
+                lambda _y: bar.update(1),
             )
-            runs.append((label, result))
+            record = {"start": label, "sharpness": phi(run_best["f"]), "fmax": run_best["f"], **record}
+            starts.append(record)
+            return record
 
         try:
-            run("zero", np.zeros_like(bounds))
+            zero = run("zero", np.zeros_like(bounds))
             dtype_eps = torch.finfo(pm.dtype).eps
             gradient_is_zero = float(np.abs(g0) @ bounds) <= 64 * dtype_eps * (1 + abs(f0))
-            if gradient_is_zero or not best["f"] > f0:
-                bar.total += maxiter
-                rng = np.random.default_rng(seed)
-                run("random", rng.uniform(-0.5, 0.5, size=bounds.shape) * bounds)
+            zero["counts"] = not (gradient_is_zero or not zero["fmax"] > f0)
+            extra = random_starts + (0 if zero["counts"] else 1)
+            bar.total = maxiter * (1 + extra)
+            for i in range(extra):
+                run(f"random{i + 1}", rng.uniform(-0.5, 0.5, size=bounds.shape) * bounds)
+                starts[-1]["counts"] = True
         finally:
             bar.close()
 
@@ -268,29 +346,42 @@ def epsilon_sharpness(
         fmax = best["f"]
         perturbation = full_vector(y_star).cpu()
         at_bound = np.abs(y_star) >= bounds * (1 - BOUND_RTOL)
+        counted = [r["sharpness"] for r in starts if r["counts"]]
+        iterations = sum(r["iterations"] for r in starts)
         return SharpnessResult(
-            sharpness=(fmax - f0) / (1 + f0) * 100,
+            sharpness=phi(fmax),
+            sharpness_std=float(np.std(counted, ddof=1)) if len(counted) >= 2 else None,
+            sharpness_zero_start=zero["sharpness"],
+            uncertainty="sample std of phi over the L-BFGS-B starts that count (y = 0 unless degenerate, "
+            "and each seeded random start)",
             f0=f0,
             fmax=fmax,
             eps=eps,
             subspace_dim=subspace_dim,
-            start="+".join(label for label, _ in runs),
+            start="+".join(r["start"] for r in starts),
+            starts=starts,
             perturbation_norm=float(perturbation.norm()),
             box_fraction_at_bound=float(at_bound.mean()),
+            n_at_bound=int(at_bound.sum()),
+            box_maximum_reached=_box_maximum(y_star, best["g"], bounds),
             n_params=pm.n_params,
-            lbfgs_iterations=sum(int(r.nit) for _, r in runs),
-            lbfgs_message="; ".join(f"{label}: {r.message}" for label, r in runs),
+            lbfgs_iterations=iterations,
+            lbfgs_evaluations=sum(r["evaluations"] for r in starts),
+            lbfgs_message="; ".join(f"{r['start']}: {' / '.join(r['stops'])}" for r in starts),
             perturbation=perturbation,
             y=y_star,
             bounds=bounds,
             **pm.result_fields(
                 seed=seed,
-                iterations=sum(int(r.nit) for _, r in runs),
+                iterations=iterations,
                 eps=eps,
                 subspace_dim=subspace_dim,
                 maxiter=maxiter,
-                lbfgs_options=options,
-                random_start="uniform in [-r/2, r/2] if the gradient at y=0 is zero or no increase was found",
+                random_starts=random_starts,
+                lbfgs_options={"ftol": 0.0, "gtol": 0.0, "maxfun": LBFGS_MAXFUN, "maxls": 20},
+                stopping="maxiter iterations per start, or a provable box maximum; an early scipy stop "
+                "restarts from the best point with the iterations left",
+                random_start="uniform in [-r/2, r/2]; one more when the start at y = 0 is degenerate",
             ),
         )
     finally:
@@ -305,28 +396,13 @@ def _scale(x: torch.Tensor, adaptive: bool) -> torch.Tensor:
     return x.abs() if adaptive else torch.ones_like(x)
 
 
-def _chunks(pm: ProbeModel, m: int) -> list[Batch]:
-    """The probe set's examples, in order, re-cut into chunks of m (the last may be shorter)."""
-    inputs = torch.cat([b[0] for b in pm.batches])
-    targets = torch.cat([b[1] for b in pm.batches])
-    return list(zip(inputs.split(m), targets.split(m), strict=True))
-
-
 def _chunk_loss(pm: ProbeModel, chunk: Batch, need_grad: bool) -> tuple[float, torch.Tensor | None]:
-    """Mean loss of one chunk (one forward pass, as one batch) and, if asked, its flat gradient."""
+    """Mean loss of one chunk and, if asked, its flat gradient (`ProbeModel.pieces` decide the
+    forward passes: one per BN group in batch mode)."""
     if not need_grad:
         pm.counts["loss"] += 1
-        with torch.no_grad():
-            return float(pm.batch_loss(chunk)), None
-    pm.counts["grad"] += 1
-    for p in pm.params:
-        p.grad = None
-    loss = pm.batch_loss(chunk)
-    loss.backward()
-    grad = pm.flat_grad()
-    for p in pm.params:
-        p.grad = None
-    return float(loss.detach()), grad
+        return pm.batch_mean_loss(chunk), None
+    return pm.batch_gradient(chunk)
 
 
 def _project(u: torch.Tensor, rho: float, norm: str) -> torch.Tensor:
@@ -399,10 +475,26 @@ def _worst_case_chunk(
     return f0, best_f - f0
 
 
+def default_rho(kind: str, norm: str, adaptive: bool) -> float:
+    """The smallest radius of Andriushchenko et al.'s CIFAR-10 ResNet grid for this measure.
+
+    From the authors' evaluation script (tml-epfl/sharpness-vs-generalization,
+    sh/eval_sharpness_final.sh), which sweeps four radii per measure: worst case ℓ∞
+    {5e-4, 1e-3, 2e-3, 4e-3} (standard) and {1e-3, 2e-3, 4e-3, 8e-3} (adaptive), worst case
+    ℓ2 {0.25, 0.5, 1, 2}; average case ℓ2 {0.05, 0.1, 0.2, 0.4}, average case ℓ∞
+    {0.1, 0.2, 0.4, 0.8} (both standard and adaptive). Average-case radii are orders of
+    magnitude larger than worst-case ones: at a worst-case radius random noise barely moves
+    the loss and the estimate is noise.
+    """
+    if kind == "worst":
+        return {("linf", True): 1e-3, ("linf", False): 5e-4}.get((norm, adaptive), 0.25)
+    return 0.05 if norm == "l2" else 0.1
+
+
 def adaptive_sharpness(
     model: nn.Module,
     batches: Sequence[Batch] | Batch,
-    rho: float,
+    rho: float | None = None,
     norm: str = "linf",
     adaptive: bool = True,
     m: int = 128,
@@ -410,28 +502,44 @@ def adaptive_sharpness(
     seed: int = 0,
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> AdaptiveSharpnessResult:
     """Andriushchenko et al. 2023 worst-case (adaptive) m-sharpness.
 
     The probe set's examples are re-cut, in order, into chunks of `m` (the last may be
-    shorter; each chunk is one forward pass, so with bn_mode="batch" one BN batch). For
-    each chunk, max_{||delta / c||_p <= rho} L_chunk(w + delta) - L_chunk(w) with c = |w|
-    (adaptive; delta = 0 where w = 0) or c = 1, solved in u = delta / c by `steps` steps of
-    APGD-style ascent from u = 0 (see `_worst_case_chunk`), keeping the worst loss seen.
-    `sharpness` is the mean of the per-chunk maxima weighted by chunk size (the plain mean
-    when m divides the probe set). The ascent is deterministic; `seed` is only recorded.
+    shorter; with bn_mode="batch" each chunk is normalized in BN groups of bn_batch within
+    it, or as one group without bn_batch). For each chunk,
+    max_{||delta / c||_p <= rho} L_chunk(w + delta) - L_chunk(w) with c = |w| (adaptive;
+    delta = 0 where w = 0) or c = 1, solved in u = delta / c by `steps` steps of APGD-style
+    ascent from u = 0 (see `_worst_case_chunk`), keeping the worst loss seen. `sharpness` is
+    the mean of the per-chunk maxima weighted by chunk size (the plain mean when m divides
+    the probe set); `stderr` is their sample std / sqrt(chunks) (data sampling: the ascent
+    is deterministic, `seed` is only recorded). `rho=None` takes `default_rho`.
     `evaluations` count passes over one chunk.
+
+    Where this differs from the authors' code (sharpness.py, eval_APGD_sharpness): the ascent
+    runs in u = delta / c, so the ℓ2 step is c⊙g / ||c⊙g|| and the projection is the exact
+    Euclidean one onto the ball in u (theirs steps by c⊙g / ||g|| and projects onto the
+    ellipsoid by a bisection on a Lagrange multiplier, to 1e-5); the momentum is Croce &
+    Hein's APGD update u_{k+1} = P(u_k + a(z - u_k) + (1 - a)(u_k - u_{k-1})), a = 1 on the
+    first step (theirs mixes 0.75 z + 0.25 u_{k-1} from the first step on); at a step-size
+    reduction the iterate, its momentum and its gradient restart from the best point (theirs
+    reloads the best weights but keeps the current perturbation and momentum); each step
+    takes one pass (the loss and gradient at the new point together; theirs two); chunks
+    are weighted by size (theirs: equal weights, with n divisible by m enforced).
     """
-    rho = _positive("rho", rho)
     norm = _norm(norm)
-    m = _count("m", m)
-    steps = _count("steps", steps)
-    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode)
+    rho_rule = "given" if rho is not None else "default_rho"
+    rho = check_positive("rho", default_rho("worst", norm, adaptive) if rho is None else rho)
+    m = check_count("m", m)
+    steps = check_count("steps", steps)
+    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     w = pm.get_vector()
     c = _scale(w, adaptive)
     try:
-        chunks = _chunks(pm, m)
+        chunks = regroup(pm.batches, m)
         per_chunk, losses, sizes = [], [], []
         for chunk in progress_bar(chunks, desc="adaptive sharpness", enabled=progress, leave=False):
             f0, increase = _worst_case_chunk(pm, chunk, w, c, rho, norm, steps)
@@ -439,8 +547,11 @@ def adaptive_sharpness(
             losses.append(f0)
             sizes.append(len(chunk[1]))
         sharpness = float(np.average(per_chunk, weights=sizes))
+        count = len(per_chunk)
+        stderr = float(np.std(per_chunk, ddof=1) / math.sqrt(count)) if count >= 2 else None
         return AdaptiveSharpnessResult(
             sharpness=sharpness,
+            stderr=stderr,
             per_batch=per_chunk,
             chunk_sizes=sizes,
             chunk_losses=losses,
@@ -453,6 +564,7 @@ def adaptive_sharpness(
                 seed=seed,
                 iterations=steps,
                 rho=rho,
+                rho_rule=rho_rule,
                 norm=norm,
                 adaptive=adaptive,
                 m=m,
@@ -462,6 +574,7 @@ def adaptive_sharpness(
                 min_update_ratio=APGD_MIN_UPDATE_RATIO,
                 checkpoints=sorted(apgd_checkpoints(steps)),
                 evaluation_unit="one chunk of m examples",
+                uncertainty="sample std of the per-chunk maxima / sqrt(chunks)",
             ),
         )
     finally:
@@ -471,13 +584,15 @@ def adaptive_sharpness(
 def average_sharpness(
     model: nn.Module,
     batches: Sequence[Batch] | Batch,
-    rho: float,
+    rho: float | None = None,
     n_draws: int = 20,
     adaptive: bool = True,
     seed: int = 0,
     loss_fn: LossFn = cross_entropy,
     bn_mode: str = "eval",
     norm: str = "l2",
+    bn_data: Iterable[Batch] | None = None,
+    bn_batch: int | None = None,
     progress: bool = False,
 ) -> AverageSharpnessResult:
     """Andriushchenko et al. 2023 average-case (adaptive) sharpness over the whole probe set.
@@ -487,11 +602,16 @@ def average_sharpness(
     case: delta ~ N(0, rho² c²)) or uniform in [-1, 1] (norm="linf"). The noise is drawn on
     the CPU from a generator seeded with `seed`, so a seed gives the same draws on every
     device. `stderr` is the sample standard deviation over draws / sqrt(n_draws).
+    `rho=None` takes `default_rho` (0.05 for ℓ2: 100 times the worst-case ℓ∞ default).
+    Unlike the authors' code, which draws 20 perturbations per batch of 128 and averages
+    over batches, each draw here perturbs the loss over the whole probe set (the same
+    expectation, one shared draw for all examples).
     """
-    rho = _positive("rho", rho)
     norm = _norm(norm)
-    n_draws = _count("n_draws", n_draws, minimum=2)
-    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode)
+    rho_rule = "given" if rho is not None else "default_rho"
+    rho = check_positive("rho", default_rho("average", norm, adaptive) if rho is None else rho)
+    n_draws = check_count("n_draws", n_draws, minimum=2)
+    pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     w = pm.get_vector()
     c = _scale(w, adaptive)
     generator = torch.Generator().manual_seed(seed)
@@ -518,10 +638,12 @@ def average_sharpness(
             **pm.result_fields(
                 seed=seed,
                 rho=rho,
+                rho_rule=rho_rule,
                 n_draws=n_draws,
                 adaptive=adaptive,
                 norm=norm,
                 noise="normal" if norm == "l2" else "uniform in [-1, 1]",
+                uncertainty="standard error over the noise draws",
             ),
         )
     finally:
@@ -536,5 +658,6 @@ __all__ = [
     "adaptive_sharpness",
     "apgd_checkpoints",
     "average_sharpness",
+    "default_rho",
     "epsilon_sharpness",
 ]

@@ -1,0 +1,77 @@
+"""Keskar tables with sharpness probed in two BN modes: running statistics beside recomputed ones.
+
+Synthetic run directories (no torch): the expected cells are worked out by hand below.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_analysis import evaluations, make_run, number, read_csv, sharpness
+
+from analysis.results import load_runs
+from analysis.tables import keskar_tables
+
+
+def probed(value, bn_mode, eps=1e-3, p=None):
+    record = sharpness(value, eps=eps, p=p)
+    record["bn_mode"] = bn_mode
+    record["provenance"]["bn_mode"] = bn_mode
+    return record
+
+
+@pytest.fixture
+def two_mode_runs(tmp_path):
+    """SB (B=32) and LB (B=1024), two seeds each, each probed with running and recomputed BN."""
+    values = {  # (eval, recompute) full-space sharpness at eps = 1e-3; subspace p=100 at 1e-3
+        ("sb0", 32, 0): (2.0, 1.0, 0.2, 0.1),
+        ("sb1", 32, 1): (4.0, 1.5, 0.4, 0.2),
+        ("lb0", 1024, 0): (100.0, 50.0, 10.0, 4.0),
+        ("lb1", 1024, 1): (300.0, 70.0, 30.0, 6.0),
+    }
+    for (name, batch, seed), (stale, fresh, sub_stale, sub_fresh) in values.items():
+        metrics = evaluations([2.3, 0.6, 0.3], [0.1, 0.7, 0.9], batch=batch)
+        probes = [
+            probed(stale, "eval"),
+            probed(fresh, "recompute"),
+            probed(sub_stale, "eval", p=100),
+            probed(sub_fresh, "recompute", p=100),
+        ]
+        make_run(tmp_path / "runs", name, batch=batch, seed=seed, metrics=metrics, probes=probes)
+    return load_runs([tmp_path / "runs"])
+
+
+def test_tables_show_running_and_recomputed_statistics_side_by_side(two_mode_runs, tmp_path):
+    markdown = keskar_tables(two_mode_runs, tmp_path / "t", sb_batch=32, lb_batch=1024)
+    table3 = markdown.split("### Table 3")[1].split("### Table 4")[0]
+    rows = {
+        line.split("|")[1].strip(): line for line in table3.splitlines() if "this run" in line or "÷" in line
+    }
+    stale = rows["**this run**, BN: running statistics"]
+    fresh = rows["**this run**, BN: recomputed"]
+    ratio = rows["recompute ÷ eval"]
+    assert "3.00 ± 1.41 (n=2)" in stale and "200.00 ± 141.42 (n=2)" in stale  # SB (2, 4), LB (100, 300)
+    assert "1.25 ± 0.35 (n=2)" in fresh and "60.00 ± 14.14 (n=2)" in fresh  # SB (1, 1.5), LB (50, 70)
+    assert "0.42×" in ratio and "0.30×" in ratio  # 1.25 / 3 and 60 / 200: ratios of the means
+    table4 = markdown.split("### Table 4")[1]
+    assert "0.30 ± 0.14 (n=2)" in table4 and "0.15 ± 0.07 (n=2)" in table4 and "0.50×" in table4
+    assert "recomputed = recomputed at the final weights" in markdown
+    csv = read_csv(tmp_path / "t" / "keskar_tables.csv")
+    ours = [r for r in csv if r["source"] == "this run" and r["table"] == "3" and r["eps"] == "0.001"]
+    by_mode = {(r["bn_mode"], r["regime"]): number(r["mean"]) for r in ours}
+    assert by_mode == {
+        ("eval", "SB"): 3.0,
+        ("eval", "LB"): 200.0,
+        ("recompute", "SB"): 1.25,
+        ("recompute", "LB"): 60.0,
+    }
+
+
+def test_one_bn_mode_keeps_the_single_row(tmp_path):
+    for name, batch, value in (("sb", 32, 2.0), ("lb", 1024, 100.0)):
+        metrics = evaluations([2.3, 0.6, 0.3], [0.1, 0.7, 0.9], batch=batch)
+        make_run(tmp_path / "runs", name, batch=batch, metrics=metrics, probes=[probed(value, "recompute")])
+    markdown = keskar_tables(load_runs([tmp_path / "runs"]), tmp_path / "t", sb_batch=32, lb_batch=1024)
+    table3 = markdown.split("### Table 3")[1].split("### Table 4")[0]
+    ours = [line for line in table3.splitlines() if "this run" in line]
+    assert len(ours) == 1 and ours[0].startswith("| **this run** |") and "2.00 (n=1)" in ours[0]
+    assert "÷" not in markdown
