@@ -31,6 +31,8 @@ from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
 from analysis.masters_luschi import ml_accuracy_vs_lr, ml_best_vs_batch, ml_bn_heatmap
 from analysis.noise import noise_scale_over_training, steps_vs_examples
 from analysis.results import RunRecord, batch_sizes, checkpoint_epoch, checkpoint_of, describe
+from analysis.sam import sam_comparison, sam_table
+from analysis.sam import variant as sam_variant
 from analysis.style import LARGE_BATCH_MIN, finite
 from analysis.tables import DASH, format_number, keskar_tables, markdown_table
 from sharp.errors import SharpError
@@ -573,6 +575,19 @@ FIGURE_TABLE: tuple[FigureSpec, ...] = (
         "augmentation).",
         "Learning curves of true and accumulated batches of the same effective size",
         "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+    ),
+    FigureSpec(
+        "sam",
+        lambda c: c.runs if len({sam_variant(r) for r in c.runs}) > 1 else None,
+        lambda c, runs: sam_comparison(runs, c.figures_dir, scale=c.scale),
+        "SGD vs SAM vs ASAM at small and large batch (Foret et al. 2021; Kwon et al. 2021)",
+        lambda runs: (
+            "Test accuracy and sharpness of each solution by optimizer variant and batch size, mean ± "
+            "std over seeds (bars: blue small batch, red large batch). Does SAM close the small- vs "
+            "large-batch gap, and does it lower every sharpness measure or only some?\n\n" + sam_table(runs)
+        ),
+        "Test accuracy, epsilon-sharpness, adaptive sharpness and top eigenvalue per optimizer and batch",
+        "SAM comparison: needs runs with and without --sam-rho",
     ),
     FigureSpec(
         "correlation",

@@ -207,3 +207,42 @@ def test_bad_sam_settings_are_one_line_errors(settings, fragment):
     with pytest.raises(SharpError, match=fragment) as error:
         make_config(settings, {})
     assert "\n" not in str(error.value)
+
+
+def test_the_sam_spec_runs_end_to_end_and_reports_each_variant(tmp_path):
+    import re
+
+    import tomllib
+
+    from analysis.results import load_runs
+    from analysis.sam import variant
+    from sharp.repro import SPEC_DIR, ReproSpec, run_repro
+
+    data = tomllib.loads((SPEC_DIR / "sam.toml").read_text())
+    cpu = data["scales"]["cpu"]
+    cpu["base"].update(dataset="digits", model="convnet", width=0.5, train_subset=400, epochs=1)
+    cpu["base"].update(test_subset=100, eval_train_size=128, eval_every=1.0)
+    cpu["groups"]["sam"]["axes"]["batch_size,micro_batch"] = [[16, 16], [128, 64]]
+    cpu["groups"]["sam"]["probes"] = [
+        {
+            "probe_set": 64,
+            "bn_mode": "recompute",
+            "bn_set": 128,
+            "sharpness": True,
+            "eps": "1e-3",
+            "maxiter": 2,
+            "adaptive": True,
+            "hessian": True,
+            "top_k": 1,
+        },
+    ]
+    report = run_repro(ReproSpec.from_dict(data, "cpu"), tmp_path / "sam", echo=lambda _: None)
+    runs = load_runs([tmp_path / "sam" / "runs"])
+    assert sorted({variant(r) for r in runs}) == ["ASAM ρ=0.5", "SAM ρ=0.05", "SGD"] and len(runs) == 6
+    text = report.read_text()
+    for run in runs:  # every table row holds the run's own final test accuracy (one seed: no ±)
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| {variant(run)} | {run.batch_size} |")
+        )
+        assert f"| {100 * run.final['test_acc']:.4g} |" in row
+    assert re.search(r"\(figures/sam_comparison\.png\)", text)
