@@ -137,7 +137,7 @@ def test_same_seed_same_settings_same_metrics_and_weights(tmp_path):
         (["--micro-batch", "16", "--bn-batch", "32"], "--bn-batch 32 is larger than the micro-batch 16"),
         (["--norm", "none", "--bn-batch", "4"], "--bn-batch applies to --norm bn"),
         (["--batch-size", "0"], "--batch-size 0 must be positive"),
-        (["--batch-size", "abc"], "'abc' is not a valid integer"),
+        (["--batch-size", "abc"], "--batch-size 'abc': give a whole number of examples or `full`"),
         (["--lr", "0.1", "--base-lr", "0.1"], "either --lr"),
         (["--lr-scaling", "linear"], "give --base-lr"),
         (["--epochs", "2", "--steps", "3"], "either --epochs or --steps"),

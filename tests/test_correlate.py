@@ -359,7 +359,7 @@ def test_the_generalization_measures_spec_runs_end_to_end_at_toy_size(tmp_path):
     measures = [r["measure"] for r in read_csv(tmp_path / "gm" / "figures" / "correlation.csv")]
     for name in (
         "ε-sharpness ε=0.001 full", "ε-sharpness ε=0.001 subspace p=100", "λ_max", "Hessian trace",
-        "worst-case adaptive sharpness ρ=0.0005 ℓ∞", "average adaptive sharpness ρ=0.0005 ℓ2",
+        "worst-case adaptive sharpness ρ=0.001 ℓ∞", "average adaptive sharpness ρ=0.05 ℓ2",
         "B_simple (16/64)", "‖w‖₂", "‖w − w₀‖₂", "path norm", "Σ‖W‖_F²",
     ):  # fmt: skip
         assert name in measures, (name, measures)

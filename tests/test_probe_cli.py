@@ -350,8 +350,12 @@ def test_probe_bn_modes_recompute_and_batch(bn_runs):
     record = json.loads(next((run / "probes").glob("final.hessian-top1-lanczos.*")).read_text())
     assert record["bn_settings"]["groups"] == 4 and record["bn_settings"]["last_group"] == 10
     assert record["provenance"]["bn_batch"] == 30
+    default = invoke("probe", run, "--trace", "--trace-samples", "2", "--bn-mode", "batch")
+    assert default.exit_code == 0, default.output
+    record = json.loads(next((run / "probes").glob("final.hessian-trace.*")).read_text())
+    derived = json.loads((run / "config.json").read_text())["derived"]
+    assert record["provenance"]["bn_batch"] == derived["eval_batch"]  # without --bn-batch: the run's own
     for args, fragment in (
-        (["--bn-mode", "batch"], "give --bn-batch N"),
         (["--bn-batch", "30"], "use it with --bn-mode batch"),
         (["--bn-set", "50"], "use it with --bn-mode recompute"),
     ):

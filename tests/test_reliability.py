@@ -370,6 +370,15 @@ NON_DEFAULT = {
     "device": "cpu",
     "precision": "fp64",
     "channels_last": False,
+    "until_plateau": 3,
+    "plateau_tol": 0.05,
+    "eval_batch": 100,
+    "tensorboard": True,
+    "loss": "mse",
+    "init_seed": 11,
+    "tf32": True,
+    "sam_rho": 0.05,
+    "sam_adaptive": True,
 }
 NOT_SET = {
     "data_root": "cifar only",
@@ -379,6 +388,10 @@ NOT_SET = {
     "lr": "exclusive with --base-lr",
     "steps": "exclusive with --epochs",
     "compile": "compiling takes most of a minute",
+    "init_from": "needs another run",
+    "sync_bn": "exclusive with --bn-batch; needs several processes to matter",
+    "sam_m": "exclusive with --noise-scale",
+    "full_batch": "exclusive with --batch-schedule",
 }
 
 
