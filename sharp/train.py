@@ -3,8 +3,8 @@
 It reads top to bottom: `build` makes everything a run trains with from its settings;
 `train_step` runs one optimizer step over a window of micro-batches, with no I/O and no
 host synchronisation (losses, counts and the divergence flag stay on the device); `fit` is
-the loop, which says in plain `if`s when it evaluates, checkpoints and stops; `train` owns
-the run directory around it.
+the loop, which says in plain `if`s when it evaluates, tracks sharpness (`sharp.tracking`),
+checkpoints and stops; `train` owns the run directory around it.
 
 Each optimizer step takes a window of B examples from the epoch's permutation and runs it
 as micro-batches of b. Every micro-batch contributes its summed loss divided by the number
