@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from analysis.accumulation import accumulation_curves
+from analysis.edge_of_stability import (
+    COHEN_2021,
+    SGD_EXPECTED,
+    edge_summary,
+    sharpness_along_training,
+    summary_text,
+)
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
 from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
@@ -329,6 +336,7 @@ FIGURES = (
     "ml_best_vs_batch",
     "ml_bn_heatmap",
     "accumulation",
+    "sharpness_tracking",
 )
 
 
@@ -539,6 +547,23 @@ def _figures(
         skip(
             "accumulation",
             "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+        )
+    summaries = [s for r in runs if (s := edge_summary(r)) is not None]
+    if summaries:
+        attempt(
+            "sharpness_tracking",
+            "Cohen et al. 2021: sharpness along training (edge of stability)",
+            "λ_max of the tracking-set loss (line) and batch sharpness of each tracked step's own batch "
+            "(x) against optimizer steps, with the stability threshold (dashed); evaluated training loss "
+            f"below. **Paper** (Cohen et al. 2021): {COHEN_2021}. {SGD_EXPECTED}. **Ours**: "
+            f"{summary_text(summaries)}.",
+            f"Sharpness and batch sharpness against steps with the stability threshold ({text})",
+            lambda: sharpness_along_training(runs, figures_dir, scale=scale),
+        )
+    else:
+        skip(
+            "sharpness_tracking",
+            "Sharpness along training: no lambda_max rows in metrics.jsonl (sharp train --track-sharpness K)",
         )
     return drawn, skipped
 
