@@ -16,8 +16,9 @@ optimizer moves them:
 - `batch_sharpness`: g_Bᵀ H_B g_B / ‖g_B‖² of the loss L_B of the step's batch B (all the
   window's micro-batches, each summed loss divided by the window's count, as the step weighs
   them), so it does not depend on how B is cut into micro-batches; one HVP per micro-batch
-  (`batch_hvps`). Andreyev & Beneventano's batch sharpness is its expectation over batches of
-  size B; each row is one draw, at the batch the step really used.
+  (`batch_hvps`; for a full-batch step on the whole split without train-mode BN the step's loss
+  is the tracking loss, whose kept graph gives it). Andreyev & Beneventano's batch sharpness
+  is its expectation over batches of size B; each row is one draw, at the step's own batch.
 - `grad_top_fraction`: (gᵀv)² / ‖g‖² for the tracking-set gradient g and the unit top
   eigenvector v: near 1 when the gradient is the oscillation across the sharpest direction.
 - `stability_threshold`: the λ_max of the loss beyond which the step diverges along the top
@@ -27,7 +28,8 @@ optimizer moves them:
 
 The loss is the run's own (`--loss`) in one of two BN modes: `train` (BN layers in training
 mode, each batch normalized by its own ghost statistics as the step sees them, the tracking
-set in batches of the step's micro-batch) or `eval` (running statistics). Dropout is off in
+set in batches of the step's micro-batch) or `eval` (running statistics); where the batching
+does not change the loss, the tracking set goes in batches of `TRACK_BATCH`. Dropout is off in
 both: Lanczos needs one fixed function. Everything runs on copies of the model inside a forked
 RNG, so no running statistic, gradient or random stream of the run is touched and the training
 trajectory is bit-identical with and without tracking.
@@ -48,6 +50,13 @@ from sharp.probes.common import Batch, ProbeModel
 from sharp.probes.hessian import HessianOperator, lanczos
 
 LANCZOS_TOL = 1e-3  # Ritz residual bound relative to λ: eigenvalue error near its square (1e-6)
+# examples per tracking-set forward where the batch does not change the loss (no train-mode BN):
+# on a CPU, 32 batches of 32 cost several times one batch of 1,000
+TRACK_BATCH = 1000
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def stability_threshold(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> float:
@@ -130,19 +139,29 @@ class SharpnessTracker:
         `window` the step's batch. Leaves the model, its buffers and every RNG as they were."""
         started = time.perf_counter()
         device = next(model.parameters()).device
+        ghost = self.bn_mode == "train" and has_batch_norm(model)  # the loss depends on the batching
+        size = window.micro_batch if ghost else max(window.micro_batch, TRACK_BATCH)
+        # a full-batch step on the whole split: without batch-dependent BN its loss is the tracking loss
+        whole = not ghost and window.count == len(window.loader) == len(self.tracking_set)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            probe = tracking_probe(
-                model, self.tracking_set.batches(window.micro_batch), self.loss, self.bn_mode
-            )
+            probe = tracking_probe(model, self.tracking_set.batches(size), self.loss, self.bn_mode)
             op = HessianOperator(probe, keep_graph=True)
             start = None if self.vector is None else self.vector.to(device=op.device, dtype=op.dtype)
             solve = lanczos(
                 op.matvec, op.n, 1, tol=self.tol, seed=self.seed, dtype=op.dtype, device=op.device, v0=start
             )
             top = solve.eigenvectors[:, 0]
-            fraction = gradient_fraction_along(op.gradient(), top)
-            del op, probe  # free the tracking set's graph before the window's
-            sharpness, batch_hvps = batch_sharpness(model, window.micro_batches(), self.loss, self.bn_mode)
+            grad = op.gradient()
+            fraction = gradient_fraction_along(grad, top)
+            if whole:
+                norm2 = float(grad @ grad)
+                sharpness = float(grad @ op.matvec(grad)) / norm2 if norm2 > 0 else None
+                batch_hvps = len(probe.batches)
+            else:
+                del op, probe  # free the tracking set's graph before the window's
+                sharpness, batch_hvps = batch_sharpness(
+                    model, window.micro_batches(), self.loss, self.bn_mode
+                )
         self.vector = top.detach().cpu().clone()
         return {
             "step": step,

@@ -53,7 +53,7 @@ from sharp.progress import progress_bar
 from sharp.runs import RunDir, git_revision, load_checkpoint
 from sharp.schedule import LRSchedule, batch_size_at
 from sharp.signals import StopRequested, StopSignals
-from sharp.tracking import SharpnessTracker
+from sharp.tracking import SharpnessTracker, has_batch_norm
 
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # no-grad batch: CPU forward throughput falls beyond ~256
 BATCH_STATISTICS_EVAL_BATCH = 5000  # Keskar et al. evaluate their batch-statistics BN nets 5,000 at a time
@@ -177,10 +177,6 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules()
     )
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def resolve_eval_batch(cfg: TrainConfig, model: nn.Module, device: torch.device) -> int:

@@ -44,8 +44,17 @@ def _stack(batches):
     return torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1), torch.cat(targets)
 
 
-@pytest.mark.parametrize("tol", [LANCZOS_TOL, 1e-10])
-def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(monkeypatch, digits, tol):
+@pytest.mark.parametrize(
+    ("tol", "batch", "micro", "track_set"),
+    [
+        (LANCZOS_TOL, 100, 40, "300"),  # windows of 40 + 40 + 20, and a short last one of 37
+        (1e-10, 100, 40, "300"),
+        (LANCZOS_TOL, 1437, 500, "full"),  # full batch on the whole split: the tracking loss is the step's
+    ],
+)
+def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(
+    monkeypatch, digits, tol, batch, micro, track_set
+):
     monkeypatch.setattr(training, "build_model", _linear)
     cfg = TrainConfig(
         dataset="digits",
@@ -53,13 +62,13 @@ def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(monkeyp
         norm="none",
         loss="mse",
         precision="fp64",
-        batch_size=100,
-        micro_batch=40,  # windows of 40 + 40 + 20, and a short last one of 37
+        batch_size=batch,
+        micro_batch=micro,
         lr=0.05,
         momentum=0.9,
         weight_decay=1e-3,
         track_sharpness=3,
-        track_set="300",
+        track_set=track_set,
     )
     t = build(cfg, dataset=digits)
     t.tracker.tol = tol
@@ -68,7 +77,7 @@ def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(monkeyp
     top = float(torch.linalg.eigvalsh(hessian_block)[-1])
     linear = t.model[1]
     rows = []
-    for step, window in enumerate(_windows(t)):
+    for step, (_, _, window) in zip(range(13), training.windows(t, training.Cursor()), strict=False):
         if t.tracker.due(step):
             row = t.tracker.measure(t.model, window, step, 0.05)
             rows.append(row)
