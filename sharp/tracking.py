@@ -37,6 +37,7 @@ trajectory is bit-identical with and without tracking.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from sharp.data import Window
+from sharp.errors import RunDiverged
 from sharp.losses import mean_loss
 from sharp.probes.common import Batch, ProbeModel
 from sharp.probes.hessian import HessianOperator, lanczos
@@ -104,6 +106,14 @@ def gradient_fraction_along(grad: torch.Tensor, direction: torch.Tensor) -> floa
     return float(grad @ direction) ** 2 / norm2 if norm2 > 0 else None
 
 
+def _finite(value: float, step: int, what: str) -> None:
+    """A non-finite tracked quantity means the weights the step starts from have blown up."""
+    if not math.isfinite(value):
+        raise RunDiverged(
+            f"training diverged before step {step}: the tracked {what} was not finite", step=step
+        )
+
+
 class SharpnessTracker:
     """λ_max, batch sharpness and grad_top_fraction every `every` optimizer steps of one run.
 
@@ -146,9 +156,16 @@ class SharpnessTracker:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             probe = tracking_probe(model, self.tracking_set.batches(size), self.loss, self.bn_mode)
             op = HessianOperator(probe, keep_graph=True)
+            _finite(op.loss, step, "loss")
+
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                hv = op.matvec(v)
+                _finite(float(hv.abs().max()), step, "Hessian-vector product")
+                return hv
+
             start = None if self.vector is None else self.vector.to(device=op.device, dtype=op.dtype)
             solve = lanczos(
-                op.matvec, op.n, 1, tol=self.tol, seed=self.seed, dtype=op.dtype, device=op.device, v0=start
+                matvec, op.n, 1, tol=self.tol, seed=self.seed, dtype=op.dtype, device=op.device, v0=start
             )
             top = solve.eigenvectors[:, 0]
             grad = op.gradient()
@@ -162,6 +179,7 @@ class SharpnessTracker:
                 sharpness, batch_hvps = batch_sharpness(
                     model, window.micro_batches(), self.loss, self.bn_mode
                 )
+            _finite(0.0 if sharpness is None else sharpness, step, "batch sharpness")
         self.vector = top.detach().cpu().clone()
         return {
             "step": step,
@@ -177,7 +195,9 @@ class SharpnessTracker:
             "seconds": round(time.perf_counter() - started, 4),
         }
 
-    def describe(self, micro_batch: int, bn_batch: int | None, has_bn: bool) -> dict[str, Any]:
+    def describe(
+        self, micro_batch: int, bn_batch: int | None, has_bn: bool, dtype: torch.dtype
+    ) -> dict[str, Any]:
         """What config.json records of the tracking (set size, BN mode, solver settings)."""
         if not has_bn:
             statistics = "no BN layers"
@@ -197,6 +217,7 @@ class SharpnessTracker:
             "batch": micro_batch,
             "loss": self.loss,
             "dropout": "off",
+            "precision": f"{str(dtype).replace('torch.', '')} (the parameters' dtype, no autocast)",
             "lanczos_tol": self.tol,
             "lanczos_start": f"the previous tracked eigenvector; a Gaussian seeded {self.seed} at the first",
             "batch_sharpness": "g_B^T H_B g_B / |g_B|^2 of the step's whole batch, before the step",

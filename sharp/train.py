@@ -649,6 +649,7 @@ def fit(
                 cursor.epoch, cursor.position = epoch, 0
             lr = t.schedule(cursor.step)
             if t.tracker is not None and t.tracker.due(cursor.step):  # at the weights this step starts from
+                check_finite()  # a diverged run stops as diverged, not inside Lanczos
                 log.append(t.tracker.measure(t.model, window, cursor.step, lr))
             mark = time.perf_counter()
             result = train_step(t, window, lr, signals.requested)
@@ -747,7 +748,7 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
         "noise_scale_decay": NOISE_SCALE_DECAY if t.noise is not None else None,
         "tracking": None
         if t.tracker is None
-        else t.tracker.describe(micro, cfg.bn_batch, has_batch_norm(t.model)),
+        else t.tracker.describe(micro, cfg.bn_batch, has_batch_norm(t.model), t.dtype),
         "optimizer_options": optimizer_options(cfg, t.device),
         "torch_flags": asdict(flags),
     }

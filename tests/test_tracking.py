@@ -12,7 +12,7 @@ from torch import nn
 
 import sharp.train as training
 from sharp.config import TrainConfig, make_config
-from sharp.errors import SharpError
+from sharp.errors import RunDiverged, SharpError
 from sharp.losses import squared_loss, squared_loss_sum
 from sharp.models import GhostBatchNorm1d
 from sharp.probes.hessian import HessianOperator
@@ -336,3 +336,12 @@ def test_track_set_larger_than_the_training_split_is_refused(digits):
 def test_track_set_accepts_a_toml_count_and_full():
     assert make_config({"track_sharpness": 5, "track_set": 200}, {}).track_set == "200"
     assert make_config({"track_sharpness": 5, "track_set": "full"}, {}).track_set == "full"
+
+
+def test_a_run_that_diverges_under_tracking_is_reported_as_diverged(tmp_path, digits):
+    cfg = TrainConfig(
+        dataset="digits", model="mlp", batch_size=64, lr=1e8, steps=40, track_sharpness=1, track_set="100"
+    )
+    with pytest.raises(RunDiverged):
+        train(cfg, tmp_path / "div", dataset=digits, progress_bar=False)
+    assert RunDir(tmp_path / "div").status()["state"] == "diverged"
