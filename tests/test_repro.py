@@ -226,7 +226,7 @@ def test_edge_of_stability_spec_is_the_papers_setup_and_runs_end_to_end_at_toy_s
             "groups": {
                 "gd": {
                     "base": {"batch_size": 200, "micro_batch": 100, "eval_every": 3},
-                    "axes": {"lr": [0.05]},
+                    "axes": {"lr,steps": [[0.05, 6]]},
                 },
                 "sgd": {"axes": {"batch_size,eval_every": [[50, 0.75]], "lr": [0.05]}},
             },
