@@ -200,7 +200,7 @@ def test_squared_loss_of_the_tracking_probe_is_the_mean_half_squared_distance(di
     x = digits.train_images[:10].to(F64) / 255
     y = digits.train_labels[:10]
     probe = tracking_probe(model, [(x[:7], y[:7]), (x[7:], y[7:])], "mse", "eval")
-    assert probe.loss() == pytest.approx(float(squared_loss(model(x), y)), rel=1e-12)
+    assert probe.loss() == pytest.approx(float(squared_loss(model(x), y).detach()), rel=1e-12)
 
 
 def test_a_full_batch_run_takes_one_step_of_plain_gradient_descent(tmp_path, digits):
