@@ -24,6 +24,13 @@ from analysis.correlate import (
     settings_text,
     write_correlation,
 )
+from analysis.edge_of_stability import (
+    COHEN_2021,
+    SGD_EXPECTED,
+    edge_summary,
+    sharpness_along_training,
+    summary_text,
+)
 from analysis.headline import FIGURE_ONLY, headlines
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
@@ -575,6 +582,20 @@ FIGURE_TABLE: tuple[FigureSpec, ...] = (
         "augmentation).",
         "Learning curves of true and accumulated batches of the same effective size",
         "Accumulation curves: needs one effective batch trained with two micro-batch sizes",
+    ),
+    FigureSpec(
+        "sharpness_tracking",
+        lambda c: [s for r in c.runs if (s := edge_summary(r)) is not None] or None,
+        lambda c, _: sharpness_along_training(c.runs, c.figures_dir, scale=c.scale),
+        "Cohen et al. 2021: sharpness along training (edge of stability)",
+        lambda summaries: (
+            "λ_max of the tracking-set loss (line) and batch sharpness of each tracked step's own batch "
+            "(x) against optimizer steps, with the stability threshold (dashed); evaluated training loss "
+            f"below. **Paper** (Cohen et al. 2021): {COHEN_2021}. {SGD_EXPECTED}. **Ours**: "
+            f"{summary_text(summaries)}."
+        ),
+        "Sharpness and batch sharpness against steps with the stability threshold",
+        "Sharpness along training: no lambda_max rows in metrics.jsonl (sharp train --track-sharpness K)",
     ),
     FigureSpec(
         "sam",

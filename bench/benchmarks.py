@@ -788,3 +788,99 @@ def _ghost_bn_side_by_side(
         ),
         **{name: spread(t) for name, t in times.items()},
     }
+
+
+# --- sharpness tracking ---------------------------------------------------------------------------
+
+
+def bench_tracking(
+    ds: Dataset,
+    device: torch.device,
+    model: str,
+    *,
+    batch: int,
+    micro: int,
+    every: int = 50,
+    reps: int = 3,
+    train_subset: int | None = None,
+    track_set: str = "1000",
+    loss: str = "ce",
+    norm: str = "bn",
+    width: float = 1.0,
+    lr: float = BASE_LR,
+) -> dict[str, Any]:
+    """The cost of `--track-sharpness every` as a fraction of training time: per repetition,
+    `every` optimizer steps (timed), then one tracked point at the weights reached, warm-started
+    from the eigenvector of the point `every` steps before (as the run does) and, in alternating
+    order, a cold start (seeded Gaussian) at the same weights and on the same batch. One untimed
+    tracked point first gives the first warm vector."""
+    cfg = TrainConfig(
+        dataset="synthetic",
+        model=model,
+        width=width,
+        norm=norm,
+        loss=loss,
+        train_subset=train_subset,
+        batch_size=batch,
+        micro_batch=micro,
+        augment=False,
+        lr=lr,
+        eval_train_size=min(256, train_subset or len(ds.train_labels)),
+        device=str(device),
+        track_sharpness=every,
+        track_set=track_set,
+    )
+    cfg.validate()
+    trainer = build(cfg, dataset=ds)
+    tracker = trainer.tracker
+    cold = copy.copy(tracker)
+    windows = trainer_windows(trainer, batch, micro)
+    window = next(windows)
+    tracker.measure(trainer.model, window, 0, lr)  # untimed: the first warm vector
+    train_step(trainer, window, lr)
+    times: dict[str, list[float]] = {"train": [], "warm": [], "cold": []}
+    hvps: dict[str, list[int]] = {"warm": [], "cold": []}
+    lambdas: dict[str, list[float]] = {"warm": [], "cold": []}
+    for rep in range(reps):
+        previous = tracker.vector
+        seconds, _ = timed(lambda: sharp_steps(trainer, windows, every - 1), device)
+        window = next(windows)
+        for name in ("warm", "cold") if rep % 2 == 0 else ("cold", "warm"):
+            solver = tracker if name == "warm" else cold
+            solver.vector = previous if name == "warm" else None
+            measure = functools.partial(solver.measure, trainer.model, window, every * (rep + 1), lr)
+            elapsed, row = timed(measure, device)
+            times[name].append(elapsed)
+            hvps[name].append(row["hvps"])
+            lambdas[name].append(row["lambda_max"])
+        step_seconds, _ = timed(lambda w=window: train_step(trainer, w, lr), device)
+        times["train"].append(seconds + step_seconds)  # the `every` steps between two tracked points
+    train_median = median(times["train"])
+    return {
+        "warm_fraction": median(times["warm"]) / train_median,
+        "cold_fraction": median(times["cold"]) / train_median,
+        "warm_hvps": float(np.median(hvps["warm"])),
+        "cold_hvps": float(np.median(hvps["cold"])),
+        "max_rel_diff_warm_cold": max(
+            abs(w - c) / abs(c) for w, c in zip(lambdas["warm"], lambdas["cold"], strict=True)
+        ),
+        "settings": {
+            "model": model,
+            "norm": norm,
+            "width": width,
+            "loss": loss,
+            "batch": batch,
+            "micro_batch": micro,
+            "every": every,
+            "train_subset": train_subset,
+            "track_set": len(tracker.tracking_set),
+            "bn_mode": tracker.bn_mode,
+            "lanczos_tol": tracker.tol,
+            "reps": reps,
+        },
+        "train": spread(times["train"]),
+        "warm": spread(times["warm"]),
+        "cold": spread(times["cold"]),
+        "hvps": hvps,
+        "lambda_max": lambdas,
+    }

@@ -32,8 +32,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "hvp_over_grad": ("<=", 2.5),
     "hessian_top5_speedup_vs_pyhessian": (">=", 5.0),
     "sharpness_seconds_per_iteration": ("<=", 3.0),
+    "tracking_fraction.warm.resnet8": ("<=", 0.15),
+    "tracking_fraction.warm.fc-tanh": ("<=", 0.15),
 }
-BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn")
+BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn", "tracking")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Scale:
     eval_reps: int = 5
     probe_epochs: int = 3
     ghost_bn_reps: int = 7
+    tracking_reps: int = 3
 
 
 QUICK = Scale(
@@ -66,6 +69,7 @@ QUICK = Scale(
     sharpness_reps=1,
     eval_reps=3,
     ghost_bn_reps=3,
+    tracking_reps=1,
 )
 FULL = Scale("full", train_steps={"resnet8": 10, "resnet32": 4})
 
@@ -73,6 +77,16 @@ N_TRAIN = 8192  # synthetic CIFAR-shaped images (test split: 2048)
 PROBE_HVP = (512, 256)  # probe set of hvp_over_grad and sharpness: 512 images in 2 batches of 256
 PROBE_HESSIAN = 256  # one batch, as pyhessian takes
 GHOST_SIZES = (4, 8, 16)  # ghost BN group sizes of bench_ghost_bn
+TRACK_EVERY = 50  # --track-sharpness K of bench_tracking
+# bench_tracking's two settings: ResNet-8 (BN, tracked in train mode) at the training benchmark's
+# B = 256 as 2 x 128 with the default 1,000-image tracking set; Cohen et al.'s fc-tanh with the
+# squared loss, full-batch GD on 5,000 images as 5 x 1,000, tracking the whole set
+TRACKING = {
+    "resnet8": dict(batch=256, micro=128, track_set="1000"),
+    "fc-tanh": dict(
+        batch=5000, micro=1000, train_subset=5000, track_set="full", loss="mse", norm="none", lr=0.01
+    ),
+}
 
 
 def _log(message: str, started: float) -> None:
@@ -155,6 +169,15 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
             keys[f"ghost_bn_speedup_vs_previous.g{g}"] = r[f"g{g}"]["speedup_vs_previous"]
             keys[f"ghost_bn_speedup_vs_loop.g{g}"] = r[f"g{g}"]["speedup_vs_loop"]
         details["ghost_bn"] = r
+    if "tracking" in only:
+        for model, options in TRACKING.items():
+            _log(f"tracking {model}", started)
+            r = B.bench_tracking(ds, device, model, every=TRACK_EVERY, reps=scale.tracking_reps, **options)
+            keys[f"tracking_fraction.warm.{model}"] = r["warm_fraction"]
+            keys[f"tracking_fraction.cold.{model}"] = r["cold_fraction"]
+            keys[f"tracking_hvps.warm.{model}"] = r["warm_hvps"]
+            keys[f"tracking_hvps.cold.{model}"] = r["cold_hvps"]
+            details[f"tracking.{model}"] = r
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 
@@ -262,6 +285,17 @@ def _notes(details: dict[str, Any]) -> list[str]:
         out.append(
             f"- ghost_bn: forward + backward of one layer on {shape} (channels_last); " + "; ".join(per_size)
         )
+    for name, r in details.items():
+        if name.startswith("tracking."):
+            s = r["settings"]
+            out.append(
+                f"- {name}: {s['every']} steps of B = {s['batch']} (micro {s['micro_batch']}) take "
+                f"{r['train']['median_s']:.2f} s; a tracked point on {s['track_set']} images "
+                f"{r['warm']['median_s']:.2f} s warm ({r['warm_hvps']:.0f} HVPs), "
+                f"{r['cold']['median_s']:.2f} s cold ({r['cold_hvps']:.0f} HVPs); "
+                f"lambda_max warm vs cold within "
+                f"{r['max_rel_diff_warm_cold']:.1e}"
+            )
     return out
 
 

@@ -50,6 +50,7 @@ BN_MODES = ("eval", "recompute", "batch")  # probe BN statistics (sharp.probes.b
 HESSIAN_METHODS = ("lanczos", "power", "pyhessian")
 NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
+TRACK_BN_MODES = ("train", "eval")
 DEFAULT_MICRO_BATCH_CAP = 512
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
@@ -128,6 +129,9 @@ class TrainConfig:
     epochs: int | None = _opt(None, f"epochs to train (default {DEFAULT_EPOCHS} unless --steps)")
     steps: int | None = _opt(None, "optimizer steps to train, instead of --epochs")
     until_train_loss: float | None = _opt(None, "stop early once the evaluated training loss is at most X")
+    until_train_acc: float | None = _opt(
+        None, "stop early once the evaluated training accuracy is at least X (a fraction, e.g. 0.99)"
+    )
     eval_every: float = _opt(1.0, "evaluate every X epochs (fractions allowed)")
     checkpoint_every: int | None = _opt(None, "also keep checkpoints/epoch-NNNN.pt every K epochs")
     until_plateau: int | None = _opt(
@@ -141,6 +145,18 @@ class TrainConfig:
         "examples per evaluation forward (default 1024 on GPU, 256 on CPU; 5000 for batch-statistics BN)",
     )
     noise_scale: bool = _opt(False, "log the online gradient noise scale B_simple")
+    track_sharpness: int | None = _opt(
+        None,
+        "every K optimizer steps, log lambda_max (warm-started Lanczos), batch sharpness, grad_top_fraction",
+    )
+    track_set: str = _opt(
+        "1000", "--track-sharpness set: N training examples (seeded, class-balanced, unaugmented) or full"
+    )
+    track_bn_mode: str = _opt(
+        "train",
+        "BN of the tracked loss: train (each batch's own ghost statistics, as the step sees them) or eval",
+        TRACK_BN_MODES,
+    )
     tensorboard: bool = _opt(False, "also write metrics as TensorBoard scalars to RUN/tensorboard/")
     # sharpness-aware minimization
     sam_rho: float = _opt(0.0, "SAM radius rho (0: off); each step then costs two passes (Foret et al.)")
@@ -269,8 +285,10 @@ def validate(cfg: TrainConfig) -> None:
         "base_lr",
         "gamma",
         "until_train_loss",
+        "until_train_acc",
         "until_plateau",
         "eval_batch",
+        "track_sharpness",
     )
     check_positive(**{name: getattr(cfg, name) for name in positive})
     _non_negative(cfg, "momentum", "weight_decay", "plateau_tol", "sam_rho")
@@ -320,6 +338,16 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sync_bn and (cfg.norm != "bn" or cfg.bn_batch is not None):
         raise SharpError(
             "--sync-bn normalizes whole micro-batches across ranks: use --norm bn without --bn-batch"
+        )
+    if cfg.until_train_acc is not None and cfg.until_train_acc > 1:
+        raise SharpError(
+            f"--until-train-acc {cfg.until_train_acc} is a fraction: choose 0 < x <= 1, e.g. 0.99"
+        )
+    track_set_size(cfg.track_set)
+    if cfg.track_sharpness and cfg.optimizer != "sgd":
+        raise SharpError(
+            f"--track-sharpness takes --optimizer sgd, not {cfg.optimizer}: Adam's edge of stability is on "
+            "the preconditioned Hessian (Cohen et al. 2022), which is not tracked"
         )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
@@ -519,6 +547,15 @@ def parse_positive_list(text: str, option: str) -> list[float]:
     return values
 
 
+def track_set_size(text: str) -> int | None:
+    """`--track-set`: the number of tracking examples, or None for `full` (the whole training split)."""
+    if str(text).strip() == "full":
+        return None
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise SharpError(f"--track-set {text!r}: give a positive number of training examples or full")
+    return int(text)
+
+
 def resolved_micro_batch(cfg: TrainConfig, batch_size: int) -> int:
     """The micro-batch used for a step of `batch_size` examples."""
     if cfg.micro_batch is not None:
@@ -647,6 +684,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a count in a text option: track_set = 1000
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SharpError(f"setting {name} = {value!r} must be {kind.__name__}")
     return value

@@ -13,6 +13,9 @@ from sharp.runs import RunDir
 
 # metrics.jsonl keys that are not scalars to plot (positions and flags)
 NOT_SCALARS = ("step", "diverged", "reason")
+# the key of the rows measured at the start of a step, before it runs (--track-sharpness): the
+# checkpoint at step s is written before the row of step s, so a resume from it drops that row
+STEP_START_KEY = "lambda_max"
 
 
 def _tensorboard_writer(run: RunDir, purge_step: int | None) -> Any:
@@ -54,11 +57,17 @@ class MetricsLog:
         self._writer.flush()
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop every line written after the checkpoint at `step` (and any divergence
-        line), and tell TensorBoard to discard its events after that step."""
+        """On resume: drop every line written after the checkpoint at `step` (those of later steps,
+        the start-of-step rows of `step` itself, any divergence line), and tell TensorBoard to
+        discard its events after that step."""
         if not self.is_main:
             return
-        kept = [r for r in read_jsonl(self.run.metrics) if r.get("step", 0) <= step and not r.get("diverged")]
+
+        def before(record: dict[str, Any]) -> bool:
+            at = record.get("step", 0)
+            return (at < step or (at == step and STEP_START_KEY not in record)) and not record.get("diverged")
+
+        kept = [r for r in read_jsonl(self.run.metrics) if before(r)]
         atomic_write_bytes(self.run.metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())
         if self.tensorboard:
             self._writer = _tensorboard_writer(self.run, purge_step=step + 1)

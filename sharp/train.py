@@ -3,8 +3,8 @@
 It reads top to bottom: `build` makes everything a run trains with from its settings;
 `train_step` runs one optimizer step over a window of micro-batches, with no I/O and no
 host synchronisation (losses, counts and the divergence flag stay on the device); `fit` is
-the loop, which says in plain `if`s when it evaluates, checkpoints and stops; `train` owns
-the run directory around it.
+the loop, which says in plain `if`s when it evaluates, tracks sharpness (`sharp.tracking`),
+checkpoints and stops; `train` owns the run directory around it.
 
 Each optimizer step takes a window of B examples from the epoch's permutation and runs it
 as micro-batches of b. Every micro-batch contributes its summed loss divided by the number
@@ -33,7 +33,7 @@ from torch import nn
 
 from sharp import __version__, runtime
 from sharp.checkpoint import Checkpointer
-from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch, validate
+from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch, track_set_size, validate
 from sharp.data import (
     Dataset,
     DeviceLoader,
@@ -56,13 +56,16 @@ from sharp.progress import progress_bar
 from sharp.runs import RunDir, git_revision, load_checkpoint
 from sharp.schedule import LRSchedule, batch_size_at
 from sharp.signals import StopRequested, StopSignals
+from sharp.tracking import SharpnessTracker, has_batch_norm
 
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # no-grad batch: CPU forward throughput falls beyond ~256
 BATCH_STATISTICS_EVAL_BATCH = 5000  # Keskar et al. evaluate their batch-statistics BN nets 5,000 at a time
 NOISE_SCALE_DECAY = 0.99  # EMA decay per optimizer step of the online B_simple (--noise-scale)
 AUTO_AUGMENT_DATASETS = ("cifar10", "cifar100", "folder")
 CHECK_EVERY = 16  # optimizer steps between reads of the divergence flag (and, under DDP, the stop flag)
-TIMING_KEYS = ("wall_time", "train_time", "eval_time")  # the metrics that differ between identical runs
+TRACK_SET_SEED_OFFSET = 3  # the tracking set is drawn with data_seed + 3 (eval subset +1, test +2)
+# the metrics that differ between identical runs
+TIMING_KEYS = ("wall_time", "train_time", "eval_time", "seconds")
 
 
 # --- the pieces: accumulation, evaluation, optimizer ---------------------------------------
@@ -228,6 +231,7 @@ class Training:
     eval_batch: int
     channels_last: bool
     noise: OnlineNoiseScale | None = None
+    tracker: SharpnessTracker | None = None
     init_source: str | None = None
     random_layers: bool = False  # the model draws random numbers in training (dropout)
 
@@ -305,6 +309,33 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         data.test_images[test_index], data.test_labels[test_index], data.mean, data.std, **loader_args
     )
 
+    tracker = None
+    if cfg.track_sharpness:
+        if dist.enabled:
+            raise SharpError(
+                "--track-sharpness needs the whole batch of each step in one process: drop torchrun/--nproc"
+            )
+        size = track_set_size(cfg.track_set)
+        if size is not None and size > len(train_labels):
+            raise SharpError(
+                f"--track-set {size} exceeds the {len(train_labels)} training images: lower it or use full"
+            )
+        track_index = balanced_subset(
+            train_labels, size or len(train_labels), cfg.data_seed + TRACK_SET_SEED_OFFSET
+        )
+        tracking_set = DeviceLoader(
+            train_images[track_index], train_labels[track_index], data.mean, data.std, **loader_args
+        )
+        tracker = SharpnessTracker(
+            cfg.track_sharpness,
+            tracking_set,
+            cfg.loss,
+            cfg.track_bn_mode,
+            cfg.seed,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+
     steps = total_steps(cfg, len(train_loader))
     if steps == 0:
         raise SharpError(
@@ -333,6 +364,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         channels_last=channels_last,
         # B_simple from each step's micro-batch and window gradients (McCandlish et al. 2018)
         noise=OnlineNoiseScale(NOISE_SCALE_DECAY, len(train_loader)) if cfg.noise_scale else None,
+        tracker=tracker,
         init_source=init_source,
         random_layers=any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()),
     )
@@ -561,6 +593,8 @@ def checkpoint_state(t: Training, state: RunState) -> dict[str, Any]:
         saved["rng_cuda"] = torch.cuda.get_rng_state(t.device)
     if t.noise is not None:
         saved["noise_scale"] = t.noise.state_dict()
+    if t.tracker is not None:  # the warm-start vector: a resumed run tracks identically
+        saved["tracking"] = t.tracker.state_dict()
     return saved
 
 
@@ -580,6 +614,8 @@ def restore(t: Training, saved: dict[str, Any]) -> RunState:
         torch.cuda.set_rng_state(saved["rng_cuda"], t.device)
     if t.noise is not None and "noise_scale" in saved:
         t.noise.load_state_dict(saved["noise_scale"])
+    if t.tracker is not None and "tracking" in saved:
+        t.tracker.load_state_dict(saved["tracking"])
     return RunState(cursor, interval, clock)
 
 
@@ -619,10 +655,12 @@ def evaluation_record(
     return record
 
 
-def stop_reason(cfg: TrainConfig, cursor: Cursor, train_loss: float) -> str:
-    """Why training stops after an evaluation with this training loss ('' to go on)."""
+def stop_reason(cfg: TrainConfig, cursor: Cursor, train_loss: float, train_acc: float) -> str:
+    """Why training stops after an evaluation with this training loss and accuracy ('' to go on)."""
     if cfg.until_train_loss is not None and train_loss <= cfg.until_train_loss:
         return "the evaluated training loss reached --until-train-loss"
+    if cfg.until_train_acc is not None and train_acc >= cfg.until_train_acc:
+        return "the evaluated training accuracy reached --until-train-acc"
     if cfg.until_plateau is not None and plateaued(cursor, train_loss, cfg.until_plateau, cfg.plateau_tol):
         return (
             f"the evaluated training loss did not improve by more than {cfg.plateau_tol:g} (relative) "
@@ -679,7 +717,7 @@ def fit(
         if dist.is_main:
             last = evaluation_record(t, cursor, state.interval, clock, lr, batch)
             log.append(last)
-            reason = stop_reason(cfg, cursor, last["eval_train_loss"])
+            reason = stop_reason(cfg, cursor, last["eval_train_loss"], last["eval_train_acc"])
         if dist.agree(bool(reason)):
             cursor.stop_reason = reason or "rank 0 reached its stopping rule"
         state.interval, cursor.last_eval_step = Interval(), cursor.step
@@ -713,6 +751,9 @@ def fit(
             if epoch != cursor.epoch:  # an epoch without a window (drop_last, batch > data)
                 cursor.epoch, cursor.position = epoch, 0
             lr = t.schedule(cursor.step)
+            if t.tracker is not None and t.tracker.due(cursor.step):  # at the weights this step starts from
+                check_finite()  # a diverged run stops as diverged, not inside Lanczos
+                log.append(t.tracker.measure(t.model, window, cursor.step, lr))
             mark = time.perf_counter()
             result = train_step(t, window, lr, signals.requested)
             clock.train += time.perf_counter() - mark
@@ -822,6 +863,9 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
             if cfg.sam_rho
             else None
         ),
+        "tracking": None
+        if t.tracker is None
+        else t.tracker.describe(micro, cfg.bn_batch, has_batch_norm(t.model), t.dtype),
         "optimizer_options": optimizer_options(cfg, t.device),
         "torch_flags": asdict(flags),
     }

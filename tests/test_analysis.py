@@ -748,3 +748,84 @@ def test_headline_numbers_of_each_probe_kind_for_the_terminal_the_sweep_table_an
     assert _probe_value(norms) == "l2_norm 2.00; distance_from_init —; path_norm —; frobenius_sq_sum —"
     scan = {"probe": "random_direction_scan", "loss": [1.0, 2.0]}
     assert summarize(scan) == "2 points" and _probe_value(scan) == "(figure)" and headlines(scan) == []
+
+
+# --- sharpness along training (--track-sharpness rows) ---------------------------------------------
+
+
+def tracked_rows(steps, lambdas, batch_values, threshold):
+    return [
+        {
+            "step": s,
+            "lambda_max": lam,
+            "batch_sharpness": b,
+            "grad_top_fraction": 0.5,
+            "stability_threshold": threshold,
+            "hvps": 4,
+            "start": "warm" if i else "cold",
+            "seconds": 0.1,
+        }
+        for i, (s, lam, b) in enumerate(zip(steps, lambdas, batch_values, strict=True))
+    ]
+
+
+def _edge_runs(tmp_path):
+    steps = [0, 50, 100, 150, 200, 250, 300, 350]
+    gd = tracked_rows(
+        steps, [75, 70, 120, 199, 201, 206, 199, 210], [10, 20, 30, 150, 190, 200, 195, 205], 200.0
+    )
+    sgd = tracked_rows(
+        steps, [60, 62, 64, 66, 70, 72, 71, 73], [90, 150, 190, 210, 205, 198, 202, 199], 200.0
+    )
+    evals = evaluations([0.6, 0.3, 0.1], [0.1, 0.5, 0.6], batch=1000, steps=[0, 200, 350])
+    runs = [
+        make_run(tmp_path, "gd", batch=1000, lr=0.01, norm="none", metrics=[*evals, *gd], model="fc-tanh"),
+        make_run(tmp_path, "sgd", batch=32, lr=0.01, norm="none", metrics=[*evals, *sgd], model="fc-tanh"),
+    ]
+    return load_runs(runs)
+
+
+def test_edge_summary_finds_the_first_crossing_and_the_median_ratio_after_it(tmp_path):
+    from analysis.edge_of_stability import edge_summary
+
+    gd, sgd = _edge_runs(tmp_path)
+    s = edge_summary(gd)
+    assert s.full_batch and s.points == 8 and s.lambda_max_start == 75
+    assert s.first_crossing_step == 200  # 199 at step 150 is still below 200
+    # steps 200-350: ratios 1.005, 1.03, 0.995, 1.05 -> median (1.005 + 1.03) / 2
+    assert s.median_lambda_ratio_after == pytest.approx(1.0175, rel=1e-12)
+    assert s.batch_first_crossing_step == 250
+    assert s.median_batch_ratio_last_half == pytest.approx(
+        statistics.median([0.95, 1.0, 0.975, 1.025]), rel=1e-12
+    )
+    t = edge_summary(sgd)
+    assert not t.full_batch and t.first_crossing_step is None and t.median_lambda_ratio_after is None
+    assert t.median_lambda_ratio_last_half == pytest.approx(
+        statistics.median([70, 72, 71, 73]) / 200, rel=1e-12
+    )
+    assert t.batch_first_crossing_step == 150
+    # the tracking rows are not evaluations: every evaluation reader sees the three evaluations
+    assert [m["step"] for m in gd.evaluations] == [0, 200, 350] and gd.final["test_acc"] == 0.6
+
+
+def test_sharpness_figure_writes_the_plotted_numbers_and_the_report_states_paper_and_ours(tmp_path):
+    from analysis.edge_of_stability import sharpness_along_training
+
+    runs = _edge_runs(tmp_path / "runs")
+    png, data, summary = sharpness_along_training(runs, tmp_path / "fig", scale="cpu")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    with open(data) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * (8 + 3)  # every tracked row and every evaluation of both runs
+    gd_lambdas = [float(r["lambda_max"]) for r in rows if r["run"] == "gd" and r["lambda_max"]]
+    assert gd_lambdas == [75, 70, 120, 199, 201, 206, 199, 210]
+    with open(summary) as handle:
+        first = {r["run"]: r["first_crossing_step"] for r in csv.DictReader(handle)}
+    assert first == {"gd": "200", "sgd": ""}
+    report = build_report(runs, tmp_path / "report", scale="cpu").read_text()
+    assert "**Paper** (Cohen et al. 2021)" in report and "crossing 200 at about step 4,500" in report
+    assert (
+        "GD (full batch), η=0.01 (threshold 200): λ_max 75 at the start, first ≥ threshold at step 200"
+        in report
+    )
+    assert "median λ_max/threshold after 1.02" in report and "SGD B=32, η=0.01" in report

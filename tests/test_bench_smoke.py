@@ -48,3 +48,14 @@ def test_verdict_reads_the_target_direction():
     assert verdict("train_speedup_vs_naive.resnet8", 3.5)[1] == "pass"
     assert verdict("train_speedup_vs_naive.resnet8", float("nan"))[1] == "miss"
     assert verdict("eval_speedup_vs_naive", 2.0) == ("", "")
+
+
+def test_tracking_benchmark_runs_at_toy_size():
+    ds = load_synthetic(64)
+    result = benchmarks.bench_tracking(
+        ds, torch.device("cpu"), "convnet", batch=16, micro=8, every=2, reps=2, track_set="32", width=0.5
+    )
+    assert _positive_finite(result["warm_fraction"]) and _positive_finite(result["cold_fraction"])
+    assert result["settings"]["track_set"] == 32 and len(result["train"]["times_s"]) == 2
+    assert all(h >= 1 for h in result["hvps"]["warm"] + result["hvps"]["cold"])
+    assert result["max_rel_diff_warm_cold"] < 1e-2  # both stop at a 1e-3 Ritz residual of the same operator

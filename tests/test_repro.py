@@ -255,3 +255,62 @@ def test_repro_refuses_an_unknown_device(tmp_path):
     assert (
         result.exit_code == 2 and "--device 'tpu' is unknown: choose one of auto, cpu, cuda" in result.output
     )
+
+
+def test_edge_of_stability_spec_is_the_papers_setup_and_runs_end_to_end_at_toy_size(tmp_path):
+    from sharp.config import tomllib
+
+    full = ReproSpec.load("edge-of-stability", "full")
+    gd = _settings(full, "gd")
+    assert sorted(r["lr"] for r in gd) == [0.01, 0.02] and all(r["batch_size"] == 5000 for r in gd)
+    assert all(r["train_subset"] == 5000 and r["eval_train_size"] == 5000 for r in gd)  # GD on the subset
+    assert all(
+        (r["model"], r["loss"], r["norm"], r["until_train_acc"]) == ("fc-tanh", "mse", "none", 0.99)
+        for r in gd
+    )
+    assert all(r["track_sharpness"] == 50 and r["track_set"] == "full" for r in gd)
+    sgd = _settings(full, "sgd")
+    assert sorted({r["batch_size"] for r in sgd}) == [32, 128, 512] and {r["lr"] for r in sgd} == {0.01, 0.02}
+    # every run is evaluated about every 50 steps
+    assert all(round(r["eval_every"] * 5000 / r["batch_size"]) == 50 for r in sgd)
+    cpu = ReproSpec.load("edge-of-stability", "cpu")
+    assert all(r["batch_size"] == r["train_subset"] == 1000 for r in _settings(cpu, "gd"))
+    assert all(round(r["eval_every"] * 1000 / r["batch_size"]) == 50 for r in _settings(cpu, "sgd"))
+
+    # the spec's own groups at toy size: digits, 200 images, a few steps
+    raw = tomllib.loads((SPEC_DIR / "edge-of-stability.toml").read_text())
+    raw.pop("scales")
+    toy = deep_merge(
+        raw,
+        {
+            "base": {"dataset": "digits", "train_subset": 200, "eval_train_size": 200, "steps": 6},
+            "groups": {
+                "gd": {
+                    "base": {"batch_size": 200, "micro_batch": 100, "eval_every": 3},
+                    "axes": {"lr,steps": [[0.05, 6]]},
+                },
+                "sgd": {"axes": {"batch_size,eval_every": [[50, 0.75]], "lr": [0.05]}},
+            },
+        },
+    )
+    toy["base"]["track_sharpness"] = 3
+    report = run_repro(ReproSpec.from_dict(toy, "cpu"), tmp_path / "eos", echo=lambda _: None).read_text()
+    assert sorted(p.name for p in (tmp_path / "eos" / "figures").iterdir()) == [
+        "sharpness_tracking.csv",
+        "sharpness_tracking.png",
+        "sharpness_tracking_summary.csv",
+    ]
+    assert "**Paper** (Cohen et al. 2021)" in report and "GD (full batch), η=0.05" in report
+    assert "SGD B=50, η=0.05" in report
+
+
+def test_noise_scale_edge_tracks_sgd_at_a_constant_and_a_decaying_rate():
+    for scale, batch in (("full", (512, 64)), ("cpu", (256, 32))):
+        runs = _settings(ReproSpec.load("noise-scale-edge", scale), "edge")
+        assert sorted(r["schedule"] for r in runs) == ["constant", "step"]
+        assert all((r["batch_size"], r["micro_batch"]) == batch and r["optimizer"] == "sgd" for r in runs)
+        assert all(r["noise_scale"] and r["track_sharpness"] and r["norm"] == "group" for r in runs)
+    # Adam's runs stay untracked (refused), and no SGD run enters the McCandlish fit
+    assert {
+        r["optimizer"] for g in ("tracking", "tradeoff") for r in _settings(ReproSpec.load("noise-scale"), g)
+    } == {"adam"}

@@ -272,6 +272,7 @@ def lanczos(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    v0: torch.Tensor | None = None,
 ) -> EigenSolve:
     """The k algebraically largest eigenpairs of a symmetric operator by Lanczos with full
     reorthogonalization (Lanczos 1950; Golub & Van Loan, "Matrix Computations", 10.1).
@@ -285,6 +286,9 @@ def lanczos(
     new random vector orthogonal to the basis; with at least k it ends the run, the Ritz
     values then being exact eigenvalues (as with any single-vector Krylov method, exactly
     repeated eigenvalues are seen once per invariant subspace). k > n is reduced to n.
+
+    `v0`, when given, is the start instead (a warm start, e.g. the eigenvector of a nearby
+    operator; nonzero, normalized here); restarts still draw seeded Gaussian vectors.
     """
     k = _check_k(k, n)
     if tol <= 0:
@@ -298,7 +302,13 @@ def lanczos(
     def draw() -> torch.Tensor:
         return _random_vector(gen, n, "gaussian", dtype, device)
 
-    process = _Lanczos(matvec, n, draw(), capacity=min(maxiter, max(2 * k + 20, 32)) + 1)
+    if v0 is not None:
+        if v0.dim() != 1 or v0.numel() != n or not bool(v0.any()):
+            raise SharpError(f"v0 must be a nonzero flat vector of {n} entries, not shape {tuple(v0.shape)}")
+        start = v0.detach().to(device=device, dtype=dtype)
+    else:
+        start = draw()
+    process = _Lanczos(matvec, n, start, capacity=min(maxiter, max(2 * k + 20, 32)) + 1)
     converged = False
     bar = progress_bar(total=maxiter, desc="lanczos", enabled=progress, leave=False)
     try:
