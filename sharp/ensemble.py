@@ -44,7 +44,7 @@ from torch import nn
 
 from sharp import runtime
 from sharp.checkpoint import Checkpointer
-from sharp.config import TrainConfig
+from sharp.config import TrainConfig, make_config
 from sharp.data import Dataset, load_dataset
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
@@ -535,3 +535,80 @@ def _record_membership(members: list[_Member], runs: list[RunDir], step: int) ->
         }
         config["ensemble"] = [*config.get("ensemble", []), entry]
         atomic_write_json(member.run.config, config)
+
+
+# --- in a sweep -------------------------------------------------------------------------------------
+
+
+def run_jobs(launcher: Any, jobs: list[tuple], echo: Any, size: int) -> list[str]:
+    """`launcher.run` over the sweep's jobs (run directory, settings, probe tables) with the runs
+    that can share grouped into ensembles of up to `size`, one launcher job each (its run
+    directories, settings and probe tables as lists, run by `execute_ensemble`); returns each
+    job's final state, in the jobs' order."""
+    groups = group_runs([job[1] for job in jobs], size)
+    units = [
+        jobs[g[0]] if len(g) == 1 else tuple(list(part) for part in zip(*(jobs[i] for i in g), strict=True))
+        for g in groups
+    ]
+    states: list[str] = [""] * len(jobs)
+    for group, state in zip(groups, launcher.run(units, echo), strict=True):
+        parts = state.split(",")
+        for index, part in zip(
+            group, parts if len(parts) == len(group) else [state] * len(group), strict=True
+        ):
+            states[index] = part
+    return states
+
+
+def execute_ensemble(run_dirs: list[str], settings: list[dict[str, Any]], probes: list[Any]) -> str:
+    """`sharp.sweep.execute_run` for runs that can share: train the unfinished ones as ensembles
+    (the resumed ones grouped by the step they resume from), then probe each run; return their
+    final states, comma-separated. Never raises, but on a stop by a signal."""
+    import traceback
+
+    from sharp.sweep import execute_run
+
+    states: dict[int, str] = {}
+    waiting: dict[int, list[int]] = {}  # start step -> members
+    resumed: dict[int, bool] = {}
+    for index, path in enumerate(run_dirs):
+        run = RunDir(path)
+        state = run.status().get("state") if run.is_run() else None
+        if state == "diverged":
+            states[index] = "diverged"
+        elif state != "finished":
+            resumed[index] = run.is_run() and run.last_checkpoint.exists()
+            try:
+                step = start_step(run) if resumed[index] else 0
+            except SharpError:
+                step = -1 - index  # alone: its resume fails and says why
+            waiting.setdefault(step, []).append(index)
+    for group in waiting.values():
+        try:
+            outcomes = train_ensemble(
+                [make_config(settings[i], {}, TrainConfig) for i in group],
+                [run_dirs[i] for i in group],
+                resume=[resumed[i] for i in group],
+                overwrite=True,
+                progress_bar=False,
+            )
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # one failing ensemble must not stop the sweep
+            for i in group:
+                run = RunDir(run_dirs[i])
+                state = run.status().get("state") if run.status_file.exists() else None
+                if state not in ("finished", "diverged"):
+                    reason = f"{type(exc).__name__}: {exc}"
+                    run.set_status("failed", reason=reason, traceback=traceback.format_exc())
+                    state = "failed"
+                if state != "finished":
+                    states[i] = state
+            continue
+        for i, outcome in zip(group, outcomes, strict=True):
+            if outcome.state != "finished":
+                states[i] = outcome.state
+    for index, path in enumerate(run_dirs):
+        if index not in states:  # finished: its probes
+            states[index] = execute_run(path, settings[index], probes[index])
+    return ",".join(states[i] for i in range(len(run_dirs)))

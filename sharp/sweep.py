@@ -12,6 +12,7 @@ from the launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -124,8 +125,13 @@ def run_name(point: dict[str, Any], settings: dict[str, Any]) -> str:
     return f"{prefix}-{settings_hash(settings)}" if prefix else settings_hash(settings)
 
 
-def execute_run(run_dir: str, settings: dict[str, Any], probes: list[dict[str, Any]] | None = None) -> str:
-    """Train (or resume) one run and run each probe table on it; return its final state. Never raises."""
+def execute_run(run_dir: str | list[str], settings: Any, probes: Any = None) -> str:
+    """Train (or resume) one run and run each probe table on it; return its final state. Never raises.
+    An ensemble's job (lists of run directories, settings and probes) goes to `execute_ensemble`."""
+    if isinstance(run_dir, list):
+        from sharp.ensemble import execute_ensemble
+
+        return execute_ensemble(run_dir, settings, probes)
     from sharp.errors import RunDiverged
     from sharp.runs import RunDir
     from sharp.train import train
@@ -183,13 +189,15 @@ def prepare_sweep(spec: SweepSpec, out: str | Path) -> tuple[Path, list[RunSpec]
 @dataclass(frozen=True)
 class Launcher:
     """Where runs execute: `local` (in turn, or `workers` processes) or `ray` (one task per run,
-    on the cluster at `ray_address`, or a local Ray started for the purpose)."""
+    on the cluster at `ray_address`, or a local Ray started for the purpose); with `ensemble`
+    K > 1, runs that can share train as ensembles of up to K (`sharp.ensemble`), one job each."""
 
     kind: str = "local"
     workers: int = 1
     ray_address: str | None = None
     gpus_per_run: float = 0.0
     cpus_per_run: float = 1.0
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
@@ -198,9 +206,15 @@ class Launcher:
             raise SharpError(f"--workers {self.workers} must be at least 1")
         if not self.cpus_per_run > 0 or not self.gpus_per_run >= 0:
             raise SharpError("--cpus-per-run must be positive and --gpus-per-run zero or positive")
+        if not self.ensemble >= 1:
+            raise SharpError(f"--ensemble {self.ensemble} must be at least 1 (1: every run alone)")
 
     def run(self, jobs: list[tuple], echo: Callable[[str], None] = print) -> list[str]:
         """`execute_run(*job)` for every job; the final states, in the jobs' order."""
+        if self.ensemble > 1:
+            from sharp.ensemble import run_jobs
+
+            return run_jobs(dataclasses.replace(self, ensemble=1), jobs, echo, self.ensemble)
         if self.kind == "ray":
             return _run_ray(jobs, self.ray_address, self.gpus_per_run, self.cpus_per_run, echo)
         return _run_local(jobs, self.workers, echo)
@@ -221,7 +235,7 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
         states = []
         for index, job in enumerate(jobs, 1):
             states.append(execute_run(*job))
-            echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
+            echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
         return states
     threads = max(1, (os.cpu_count() or 1) // workers)  # oversubscribed CPU threads slow torch down many-fold
     with ProcessPoolExecutor(
@@ -231,8 +245,15 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
         states = []
         for index, (job, future) in enumerate(zip(jobs, futures, strict=True), 1):
             states.append(future.result())
-            echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
+            echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
         return states
+
+
+def job_name(job: tuple) -> str:
+    """The run a job trains, or `FIRST+N` for an ensemble of N + 1 runs."""
+    if isinstance(job[0], list):
+        return f"{Path(job[0][0]).name}+{len(job[0]) - 1}"
+    return Path(job[0]).name
 
 
 def _set_threads(threads: int) -> None:
@@ -254,7 +275,7 @@ def _run_ray(
     try:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_run)
         refs = [task.remote(*job) for job in jobs]
-        names = {ref: Path(job[0]).name for ref, job in zip(refs, jobs, strict=True)}
+        names = {ref: job_name(job) for ref, job in zip(refs, jobs, strict=True)}
         pending, done_states = list(refs), {}
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
