@@ -32,8 +32,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "hvp_over_grad": ("<=", 2.5),
     "hessian_top5_speedup_vs_pyhessian": (">=", 5.0),
     "sharpness_seconds_per_iteration": ("<=", 3.0),
+    "ensemble_speedup.B2": (">=", 2.0),
+    "ensemble_speedup.B8": (">=", 1.3),
 }
-BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn")
+BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn", "ensemble")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Scale:
     eval_reps: int = 5
     probe_epochs: int = 3
     ghost_bn_reps: int = 7
+    ensemble_steps: dict[int, int] = field(default_factory=lambda: {2: 16, 8: 8, 32: 4})  # per member and rep
+    ensemble_reps: int = 5
 
 
 QUICK = Scale(
@@ -66,6 +70,8 @@ QUICK = Scale(
     sharpness_reps=1,
     eval_reps=3,
     ghost_bn_reps=3,
+    ensemble_steps={2: 8, 8: 4, 32: 2},
+    ensemble_reps=3,
 )
 FULL = Scale("full", train_steps={"resnet8": 10, "resnet32": 4})
 
@@ -73,6 +79,8 @@ N_TRAIN = 8192  # synthetic CIFAR-shaped images (test split: 2048)
 PROBE_HVP = (512, 256)  # probe set of hvp_over_grad and sharpness: 512 images in 2 batches of 256
 PROBE_HESSIAN = 256  # one batch, as pyhessian takes
 GHOST_SIZES = (4, 8, 16)  # ghost BN group sizes of bench_ghost_bn
+ENSEMBLE_BATCHES = (2, 8, 32)  # batch sizes of bench_ensemble (K = 8 ResNet-8 runs without BN)
+ENSEMBLE_HVP_MEMBERS = 4  # ResNet-8s (BN, eval mode) of bench_ensemble_hvp, probe set PROBE_HESSIAN
 
 
 def _log(message: str, started: float) -> None:
@@ -155,6 +163,19 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
             keys[f"ghost_bn_speedup_vs_previous.g{g}"] = r[f"g{g}"]["speedup_vs_previous"]
             keys[f"ghost_bn_speedup_vs_loop.g{g}"] = r[f"g{g}"]["speedup_vs_loop"]
         details["ghost_bn"] = r
+    if "ensemble" in only:
+        _log("ensemble", started)
+        r = B.bench_ensemble(ds, device, ENSEMBLE_BATCHES, scale.ensemble_steps, reps=scale.ensemble_reps)
+        for batch in ENSEMBLE_BATCHES:
+            keys[f"ensemble_speedup.B{batch}"] = r[f"B{batch}"]["speedup"]
+            keys[f"ensemble_vmap_speedup.B{batch}"] = r[f"B{batch}"]["vmap_speedup"]
+        details["ensemble"] = r
+        _log("ensemble_hvp", started)
+        models = [build_model("resnet8", 3, 10).to(device) for _ in range(ENSEMBLE_HVP_MEMBERS)]
+        batches = B.probe_batches(ds, device, PROBE_HESSIAN, PROBE_HESSIAN)
+        r = B.bench_ensemble_hvp(models, batches, device, reps=scale.ensemble_reps)
+        keys["ensemble_hvp_speedup"] = r["speedup"]
+        details["ensemble_hvp"] = r
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 
@@ -261,6 +282,24 @@ def _notes(details: dict[str, Any]) -> list[str]:
         ]
         out.append(
             f"- ghost_bn: forward + backward of one layer on {shape} (channels_last); " + "; ".join(per_size)
+        )
+    if "ensemble" in details:
+        s = details["ensemble"]
+        per_batch = [
+            f"B = {b}: sequential {s[f'B{b}']['sequential_images_per_s']:.0f} img/s, ensemble "
+            f"{s[f'B{b}']['ensemble_images_per_s']:.0f}, vmap {s[f'B{b}']['vmap_images_per_s']:.0f}"
+            for b in ENSEMBLE_BATCHES
+            if f"B{b}" in s
+        ]
+        out.append(
+            f"- ensemble: K = {s['settings']['members']} ResNet-8 runs without BN; " + "; ".join(per_batch)
+        )
+    if "ensemble_hvp" in details:
+        s = details["ensemble_hvp"]
+        out.append(
+            f"- ensemble_hvp: {s['settings']['members']} ResNet-8 HVPs over {s['settings']['n_examples']} "
+            f"images: one after another {s['sequential']['median_s']:.3f} s, stacked "
+            f"{s['stacked']['median_s']:.3f} s; max relative difference {s['max_rel_diff']:.1e}"
         )
     return out
 

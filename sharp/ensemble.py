@@ -49,6 +49,7 @@ from sharp.data import Dataset, load_dataset
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
 from sharp.fileio import atomic_write_json
+from sharp.losses import per_example_loss
 from sharp.metrics_log import MetricsLog
 from sharp.models import (
     KESKAR_NETS,
@@ -221,6 +222,10 @@ class _Shared:
         rows = tensor.shape[0] // len(self.members)
         return tensor.narrow(0, k * rows, rows)
 
+    def per_member(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as (K, ...): member k's slice at [k] (a view)."""
+        return tensor if self.stacked else tensor.unflatten(0, (len(self.members), -1))
+
 
 class Stack:
     """K models of one architecture as one grouped module, `module`, whose parameters and buffers
@@ -334,7 +339,7 @@ def stacked_step(
     stack.zero_grad()
     first = members[0]
     k = len(members)
-    per_member_loss = torch.vmap(first.loss_sum, in_dims=(1, 1))
+    per_example = per_example_loss(first.cfg.loss)
     total = torch.zeros(k, device=first.device)
     correct = torch.zeros(k, dtype=torch.long, device=first.device)
     for batches in zip(*(w.micro_batches() for w in windows), strict=True):
@@ -345,14 +350,50 @@ def stacked_step(
         if outputs.dtype not in (torch.float32, torch.float64):
             outputs = outputs.float()
         outputs = outputs.reshape(len(targets), k, -1)
-        losses = per_member_loss(outputs, targets)
+        losses = per_example(outputs.flatten(0, 1), targets.flatten()).view(-1, k).sum(0)
         (losses.sum() / count).backward()
         total = total + losses.detach()
         correct = correct + (outputs.detach().argmax(2) == targets).sum(0)
-    stack.assign_grads()
-    for t in members:
-        t.optimizer.step()
+    optimizers = [t.optimizer for t in members]
+    if first.device.type == "cpu" and stateless_sgd(optimizers):
+        stacked_sgd(stack, optimizers)
+    else:
+        stack.assign_grads()
+        for optimizer in optimizers:
+            optimizer.step()
     return [StepResult(total[i], correct[i], count) for i in range(k)]
+
+
+def stateless_sgd(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Whether every optimizer is torch's SGD without momentum (one group, not maximizing): it keeps
+    no state, so `stacked_sgd` leaves each exactly as its own step would."""
+    return all(
+        type(opt) is torch.optim.SGD
+        and len(opt.param_groups) == 1
+        and opt.param_groups[0]["momentum"] == 0
+        and not opt.param_groups[0]["maximize"]
+        for opt in optimizers
+    )
+
+
+@torch.no_grad()
+def stacked_sgd(stack: Stack, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """torch.optim.SGD's step without momentum, p <- p - lr (g + wd p), of every member as one
+    update per stacked tensor, each member's lr and weight decay along its slice (on the CPU,
+    K optimizer steps cost K times the per-tensor overhead; here one per tensor)."""
+    groups = [opt.param_groups[0] for opt in optimizers]
+    dtype = stack.shared[0].grouped.dtype
+    neg_lr = torch.tensor([-g["lr"] for g in groups], dtype=dtype)
+    decay = torch.tensor([g["weight_decay"] for g in groups], dtype=dtype)
+    decays = any(g["weight_decay"] for g in groups)
+    for shared in stack.shared:
+        if shared.grouped.grad is None:
+            continue
+        weights, grad = shared.per_member(shared.grouped), shared.per_member(shared.grouped.grad)
+        shape = (len(groups),) + (1,) * (weights.dim() - 1)
+        if decays:
+            grad = torch.addcmul(grad, weights, decay.view(shape))
+        weights.addcmul_(grad, neg_lr.view(shape))
 
 
 # --- the ensemble's runs ---------------------------------------------------------------------

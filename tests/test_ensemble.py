@@ -23,6 +23,7 @@ import sharp.ensemble as ensemble
 from sharp.cli import cli
 from sharp.config import TrainConfig
 from sharp.errors import RunDiverged, SharpError
+from sharp.losses import per_example_loss, summed_loss
 from sharp.models import build_model, set_bn_batch
 from sharp.runs import RunDir, read_jsonl
 from sharp.signals import StopRequested
@@ -171,6 +172,44 @@ def test_a_nan_member_leaves_the_others_exactly_unchanged():
         assert all(torch.equal(a, b) for a, b in zip(clean_grads[i], poisoned_grads[i], strict=True))
 
 
+def test_stacked_sgd_is_torchs_sgd_member_by_member():
+    models = [build_model("convnet", 1, 10, width=0.5, norm="bn").double() for _ in range(3)]
+    settings = [
+        dict(lr=0.1, weight_decay=0.0),
+        dict(lr=0.01, weight_decay=1e-3),
+        dict(lr=1.0, weight_decay=0.5),
+    ]
+    alone = [copy.deepcopy(m) for m in models]
+    stack = ensemble.Stack(copy.deepcopy(models[0]), models)
+    optimizers = [torch.optim.SGD(m.parameters(), **kw) for m, kw in zip(models, settings, strict=True)]
+    references = [torch.optim.SGD(m.parameters(), **kw) for m, kw in zip(alone, settings, strict=True)]
+    assert ensemble.stateless_sgd(optimizers)
+    assert not ensemble.stateless_sgd([torch.optim.SGD(alone[0].parameters(), lr=0.1, momentum=0.9)])
+    for shared in stack.shared:
+        if isinstance(shared.grouped, torch.nn.Parameter):
+            shared.grouped.grad = torch.randn_like(shared.grouped)
+    stack.assign_grads()
+    for model, reference in zip(models, alone, strict=True):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            q.grad = p.grad.clone()
+    ensemble.stacked_sgd(stack, optimizers)
+    for opt in references:
+        opt.step()
+    for model, reference, opt, ref in zip(models, alone, optimizers, references, strict=True):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert (p - q).abs().max() < 1e-15  # one multiply-add per element, in fp64
+        assert opt.state_dict() == ref.state_dict()  # no state: a checkpoint cannot tell them apart
+
+
+def test_per_example_losses_sum_to_the_summed_loss():
+    outputs, targets = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 10, (6,))
+    for name in ("ce", "mse"):
+        each = per_example_loss(name)(outputs, targets)
+        alone = torch.stack([summed_loss(name)(outputs[i : i + 1], targets[i : i + 1]) for i in range(6)])
+        assert (each - alone).abs().max() < 1e-15  # the same formula, one example at a time
+        assert abs(each.sum() - summed_loss(name)(outputs, targets)) < 1e-14
+
+
 # --- members against their runs alone ------------------------------------------------------------
 
 
@@ -203,8 +242,9 @@ def test_members_equal_their_runs_alone(trained):
 @pytest.mark.parametrize(
     ("base", "members"),
     [
-        # ResNet-8: BN, ghost BN, the shortcut that pads channels; one epoch ends with its short window
-        (dict(CONVNET_BN, model="resnet8", width=0.25, epochs=1), MEMBERS[:2]),
+        # ResNet-8: BN, ghost BN, the shortcut that pads channels; one epoch ends with its short
+        # window; SGD without momentum (Masters & Luschi): the stacked update, `stacked_sgd`
+        (dict(CONVNET_BN, model="resnet8", width=0.25, epochs=1, momentum=0.0), MEMBERS[:2]),
         # Adam, a cosine schedule with warm-up, another init seed; one member stops after 1 epoch
         (
             dict(TINY, model="mlp", norm="none", optimizer="adam", schedule="cosine", warmup=0.2),
