@@ -294,9 +294,9 @@ def launcher_options(func: Callable) -> Callable:
         click.option(
             "--ensemble",
             type=int,
-            default=1,
-            show_default=True,
-            help="train runs that share model, data and batch sizes as ensembles of up to K, one job each",
+            default=None,
+            help="train runs that share model, data and batch sizes as ensembles of up to K, one job each "
+            "(default 1; repro: the spec's)",
         ),
     ]
 
@@ -308,7 +308,7 @@ def launcher_options(func: Callable) -> Callable:
         ray_address: str | None,
         gpus_per_run: float,
         cpus_per_run: float,
-        ensemble: int,
+        ensemble: int | None,
         **kwargs: Any,
     ) -> Any:
         from sharp.sweep import Launcher

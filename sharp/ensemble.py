@@ -44,7 +44,7 @@ from torch import nn
 
 from sharp import runtime
 from sharp.checkpoint import Checkpointer
-from sharp.config import TrainConfig, make_config
+from sharp.config import TrainConfig, make_config, parse_batch_schedule, resolved_micro_batch
 from sharp.data import Dataset, load_dataset
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
@@ -102,6 +102,9 @@ MEMBER_SETTINGS = frozenset(
 # settings that keep a run out of any ensemble: a compiled or DDP model, and the online noise
 # scale, which reads every micro-batch's gradient of one run
 SOLO_SETTINGS = ("compile", "sync_bn", "noise_scale")
+# on the CPU an ensemble pays for small micro-batches only: grouped convolutions are no faster per
+# image than separate ones there, so what it saves is the per-run overhead of small ones (bench/)
+CPU_MAX_MICRO_BATCH = 8
 LAYOUT = "grouped layers (sharp.ensemble.Stack)"
 # layers that act on each channel (or each example) alone, hence on each member's channels alone
 CHANNELWISE = (
@@ -131,13 +134,30 @@ def ensemble_key(settings: dict[str, Any]) -> tuple | None:
     return tuple(sorted((k, json.dumps(v)) for k, v in settings.items() if k not in MEMBER_SETTINGS))
 
 
+def ensemble_pays(settings: dict[str, Any]) -> bool:
+    """Whether training this run in an ensemble is expected to be faster than alone: on a GPU
+    always, on the CPU with micro-batches of at most CPU_MAX_MICRO_BATCH."""
+    try:
+        device = runtime.select_device(settings.get("device", "auto"))
+    except SharpError:  # no such device here: the run will say so when it trains
+        return False
+    if device.type != "cpu":
+        return True
+    cfg = TrainConfig(**settings)
+    batches = (
+        [b for _, b in parse_batch_schedule(cfg.batch_schedule)] if cfg.batch_schedule else [cfg.batch_size]
+    )
+    return max(resolved_micro_batch(cfg, b) for b in batches) <= CPU_MAX_MICRO_BATCH
+
+
 def group_runs(settings: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
-    """Indices of the runs, grouped: runs with one `ensemble_key` in order, in ensembles of at
-    most `size`, each other run alone; groups in the order of their first run."""
+    """Indices of the runs, grouped: runs with one `ensemble_key` for which an ensemble pays
+    (`ensemble_pays`), in order, in ensembles of at most `size`, each other run alone; groups
+    in the order of their first run."""
     groups: list[list[int]] = []
     open_groups: dict[tuple, list[int]] = {}
     for index, run in enumerate(settings):
-        key = ensemble_key(run) if size > 1 else None
+        key = ensemble_key(run) if size > 1 and ensemble_pays(run) else None
         group = open_groups.get(key) if key is not None else None
         if group is None or len(group) >= size:
             group = [index]

@@ -190,14 +190,15 @@ def prepare_sweep(spec: SweepSpec, out: str | Path) -> tuple[Path, list[RunSpec]
 class Launcher:
     """Where runs execute: `local` (in turn, or `workers` processes) or `ray` (one task per run,
     on the cluster at `ray_address`, or a local Ray started for the purpose); with `ensemble`
-    K > 1, runs that can share train as ensembles of up to K (`sharp.ensemble`), one job each."""
+    K > 1, runs that can share train as ensembles of up to K (`sharp.ensemble`), one job each
+    (None: not asked, every run alone; `sharp repro` then takes its spec's `ensemble`)."""
 
     kind: str = "local"
     workers: int = 1
     ray_address: str | None = None
     gpus_per_run: float = 0.0
     cpus_per_run: float = 1.0
-    ensemble: int = 1
+    ensemble: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
@@ -206,15 +207,15 @@ class Launcher:
             raise SharpError(f"--workers {self.workers} must be at least 1")
         if not self.cpus_per_run > 0 or not self.gpus_per_run >= 0:
             raise SharpError("--cpus-per-run must be positive and --gpus-per-run zero or positive")
-        if not self.ensemble >= 1:
+        if self.ensemble is not None and not self.ensemble >= 1:
             raise SharpError(f"--ensemble {self.ensemble} must be at least 1 (1: every run alone)")
 
     def run(self, jobs: list[tuple], echo: Callable[[str], None] = print) -> list[str]:
         """`execute_run(*job)` for every job; the final states, in the jobs' order."""
-        if self.ensemble > 1:
+        if (self.ensemble or 1) > 1:
             from sharp.ensemble import run_jobs
 
-            return run_jobs(dataclasses.replace(self, ensemble=1), jobs, echo, self.ensemble)
+            return run_jobs(dataclasses.replace(self, ensemble=None), jobs, echo, self.ensemble)
         if self.kind == "ray":
             return _run_ray(jobs, self.ray_address, self.gpus_per_run, self.cpus_per_run, echo)
         return _run_local(jobs, self.workers, echo)

@@ -25,6 +25,7 @@ from sharp.config import TrainConfig
 from sharp.errors import RunDiverged, SharpError
 from sharp.losses import per_example_loss, summed_loss
 from sharp.models import build_model, set_bn_batch
+from sharp.repro import ReproSpec, run_repro
 from sharp.runs import RunDir, read_jsonl
 from sharp.signals import StopRequested
 from sharp.sweep import Launcher, SweepSpec, collect, run_sweep
@@ -331,20 +332,26 @@ def test_an_interrupted_ensemble_resumes_bit_identically(
 
 
 def test_runs_group_by_what_they_share():
-    base = TrainConfig(dataset="digits", model="mlp").to_dict()
+    base = TrainConfig(dataset="digits", model="mlp", batch_size=8, device="cpu").to_dict()
     runs = [
         {**base, "seed": 0},
         {**base, "seed": 1, "lr": 0.3, "weight_decay": 1e-4},
-        {**base, "batch_size": 32},  # another batch: another ensemble
+        {**base, "batch_size": 4},  # another batch: another ensemble
         {**base, "seed": 2, "optimizer": "adam", "init_seed": 4},
-        {**base, "noise_scale": True, "micro_batch": 32},  # alone: reads one run's gradients
+        {**base, "noise_scale": True, "micro_batch": 2},  # alone: reads one run's gradients
         {**base, "model": "keskar-c1", "norm": "bn"},  # alone: dropout
         {**base, "seed": 3},
-        {**base, "seed": 4, "batch_size": 32},
+        {**base, "seed": 4, "batch_size": 4},
+        {**base, "batch_size": 32},  # alone: on the CPU an ensemble pays for small micro-batches only
+        {**base, "batch_size": 32, "seed": 1},
+        {**base, "batch_size": 32, "micro_batch": 8, "seed": 2},
+        {**base, "batch_size": 32, "micro_batch": 8, "seed": 3},
     ]
-    assert ensemble.group_runs(runs, 3) == [[0, 1, 3], [2, 7], [4], [5], [6]]
+    assert ensemble.group_runs(runs, 3) == [[0, 1, 3], [2, 7], [4], [5], [6], [8], [9], [10, 11]]
     assert ensemble.group_runs(runs, 1) == [[i] for i in range(len(runs))]
     assert ensemble.ensemble_key(runs[4]) is None and ensemble.ensemble_key(runs[5]) is None
+    assert ensemble.ensemble_key(runs[8]) == ensemble.ensemble_key(runs[9])  # they could share
+    assert not ensemble.ensemble_pays(runs[8]) and ensemble.ensemble_pays(runs[10])
 
 
 def test_runs_that_cannot_share_are_refused_with_the_setting_named(tmp_path, digits):
@@ -406,7 +413,7 @@ def test_a_sweep_with_ensembles_writes_the_runs_of_a_sweep_without(tmp_path):
 def test_the_ensemble_option_of_sweep(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(
-        'name = "tiny"\n[base]\ndataset = "digits"\nmodel = "mlp"\nsteps = 2\nbatch_size = 32\n'
+        'name = "tiny"\n[base]\ndataset = "digits"\nmodel = "mlp"\nsteps = 2\nbatch_size = 8\n'
         "train_subset = 64\n[axes]\nseed = [0, 1, 2]\n"
     )
     result = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(tmp_path / "s"), "--ensemble", "2"])
@@ -414,3 +421,21 @@ def test_the_ensemble_option_of_sweep(tmp_path):
     assert "+1: finished,finished" in result.output and "3 finished" in result.output
     result = CliRunner().invoke(cli, ["sweep", str(spec), "--out", str(tmp_path / "t"), "--ensemble", "0"])
     assert result.exit_code == 2 and "--ensemble 0 must be at least 1" in result.output
+
+
+def test_a_reproduction_spec_names_its_ensembles_and_the_option_overrides_it(tmp_path):
+    assert ReproSpec.load("masters-luschi", "full").ensemble == 8
+    spec = {
+        "name": "tiny",
+        "ensemble": 2,
+        "base": {"dataset": "digits", "model": "mlp", "steps": 2, "batch_size": 8, "train_subset": 64},
+        "groups": {"lrs": {"axes": {"lr": [0.1, 0.2]}}},
+        "report": {"figures": []},
+    }
+    for launcher, members in ((None, 2), (Launcher(ensemble=1), None)):
+        out = tmp_path / f"with-{members}"
+        run_repro(ReproSpec.from_dict(spec), out, launcher, echo=lambda _: None)
+        configs = [json.loads((run / "config.json").read_text()) for run in (out / "runs").iterdir()]
+        assert [c["ensemble"][0]["members"] if "ensemble" in c else None for c in configs] == [members] * 2
+    with pytest.raises(SharpError, match="ensemble = 0"):
+        ReproSpec.from_dict({**spec, "ensemble": 0})
