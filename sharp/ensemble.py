@@ -62,7 +62,7 @@ from sharp.models import (
 )
 from sharp.progress import progress_bar as make_progress_bar
 from sharp.runs import RunDir, load_checkpoint
-from sharp.signals import StopSignals
+from sharp.signals import StopRequested, StopSignals
 from sharp.train import StepRequest, StepResult, Steps, Training, build, run_steps
 
 # settings in which the members of one ensemble may differ; every other setting is shared
@@ -442,7 +442,8 @@ class _Member:
 
     def advance(self, action: Any) -> None:
         """Resume the member's loop (`action`: next, send or throw) with its own RNG state in the
-        global generator, until it asks for its next step or ends."""
+        global generator, until it asks for its next step or ends; a stop at once (a second
+        signal, Ctrl-C) is recorded and raised again, to stop every member."""
         torch.set_rng_state(self.rng)
         if self.rng_cuda is not None:
             torch.cuda.set_rng_state(self.rng_cuda, self.t.device)
@@ -452,8 +453,11 @@ class _Member:
             self._end("finished", record=done.value)
         except RunDiverged as exc:
             self._end("diverged", error=exc)
-        except KeyboardInterrupt as exc:  # StopRequested too
+        except StopRequested as exc:  # after a whole step: every member stops there by itself
             self._end("interrupted", error=exc)
+        except KeyboardInterrupt as exc:
+            self._end("interrupted", error=exc)
+            raise
         except Exception as exc:
             self._end("failed", error=exc)
         finally:
@@ -485,9 +489,10 @@ def train_ensemble(
     Each member is the run `sharp.train.train(cfg, out)` would write (config.json records the
     ensemble it trained in under "ensemble"), fresh or resumed (`resume`, one flag or one per
     member; resumed members must all stand at the same step). A member that diverges, fails or
-    stops early leaves the ensemble and the others go on. A stop by a signal stops every member
-    after a whole step (each writes its checkpoint and status) and raises StopRequested; an
-    error in the stacked step itself is recorded in every member's status and raised.
+    stops early leaves the ensemble and the others go on. A signal stops every member after a
+    whole step (each writes its checkpoint and status) and raises StopRequested; a stop at once
+    (a second signal, Ctrl-C) stops every member where it is (each records it) and is raised;
+    an error in the stacked step itself is recorded in every member's status and raised.
     """
     if not cfgs or len(cfgs) != len(outs):
         raise SharpError("an ensemble needs one run directory per member, and at least one member")
@@ -530,11 +535,17 @@ def train_ensemble(
             loop = run_steps(t, run, Checkpointer(run), log, flags, again, False, signals)
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             members.append(_Member(run, t, loop, torch.get_rng_state(), cuda_rng))
-        for member in members:
-            member.advance(member.steps.__next__)
-        _record_membership([m for m in members if m.outcome is None], runs, steps.pop())
         try:
+            for member in members:
+                member.advance(member.steps.__next__)
+            _record_membership([m for m in members if m.outcome is None], runs, steps.pop())
             _train_together(members, progress_bar)
+        except KeyboardInterrupt as exc:  # stopped at once: every member still training records it
+            for member in members:
+                if member.request is not None:
+                    with contextlib.suppress(KeyboardInterrupt):
+                        member.advance(functools.partial(member.steps.throw, exc))
+            raise
         finally:
             for member in members:
                 outcomes[member.run.path] = member.outcome
@@ -565,7 +576,7 @@ def _train_together(members: list[_Member], bar_enabled: bool) -> None:
                     mark = time.perf_counter()
                     results = stacked_step(stack, [m.t for m in active], [m.request for m in active])
                     seconds = time.perf_counter() - mark
-                except BaseException as exc:
+                except Exception as exc:
                     for member in active:  # each records it in its status.json
                         member.advance(functools.partial(member.steps.throw, exc))
                     raise

@@ -328,6 +328,27 @@ def test_an_interrupted_ensemble_resumes_bit_identically(
     assert [(e["members"], e["from_step"]) for e in sessions] == [(3, 0), (2, saved)]
 
 
+def test_a_stop_at_once_in_one_members_evaluation_stops_every_member(tmp_path, digits, monkeypatch):
+    import sharp.train as training
+
+    original, calls = training.evaluation_record, []
+
+    def evaluation(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the second member's evaluation after step 2
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(training, "evaluation_record", evaluation)
+    cfgs = _configs(dict(TINY, model="mlp"), MEMBERS)
+    outs = [tmp_path / f"member{i}" for i in range(3)]
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        ensemble.train_ensemble(cfgs, outs, dataset=digits, progress_bar=False)
+    assert not isinstance(stopped.value, StopRequested)
+    assert [RunDir(p).status()["state"] for p in outs] == ["interrupted"] * 3
+    assert len(calls) == 5  # nobody evaluated after it
+
+
 # --- which runs can share --------------------------------------------------------------------------
 
 
