@@ -8,9 +8,10 @@ linear layer. Its tensors hold all members' weights, and each member's own model
 its slice of them, so one forward and backward pass over the members' micro-batches side by
 side in the channels computes every member's gradient, and every member's model is always
 current. Each member keeps everything else a run alone has: its own DeviceLoader (data order
-and augmentation), its own torch optimizer over its own views (state, update and checkpoint
-format those of a run alone), learning rate and schedule, BN running statistics, RNG state,
-and its own loop: `sharp.train.run_steps`, unchanged, yields each step it needs, and
+and augmentation), its own torch optimizer over its own views (state and checkpoint format
+those of a run alone; SGD without momentum, which keeps no state, is applied to all members'
+stacked weights at once, `stacked_sgd`), learning rate and schedule, BN running statistics,
+RNG state, and its own loop: `sharp.train.run_steps`, unchanged, yields each step it needs, and
 `train_ensemble` answers all members' requests with one stacked step. Evaluation,
 checkpoints, stop rules, the divergence check and status.json are therefore exactly a run
 alone's. A member that diverges or stops leaves the ensemble: its slice is copied out and the
