@@ -20,11 +20,15 @@ others are stacked again.
 Why grouped layers and not `torch.func` (stack_module_state + functional_call + vmap): vmap's
 rule for a convolution over batched weights is itself a grouped convolution, reached through a
 copy of the input into the grouped layout at every convolution and a fallback loop for
-adaptive pooling, plus functional_call's re-parametrization at every call. Measured side by side
-on ResNet-8 without BN, K = 8, one thread of this project's 2-core CPU, forward and backward
-(median of 3): sequential 44.4 / 99.0 / 192 ms at B = 2 / 8 / 32, vmap 47.8 / 118 / 318 ms,
-grouped layers 35.2 / 107 / 297 ms; grouped layers are the faster at every B, and
-`python -m bench --only ensemble` times both against sequential training.
+adaptive pooling, plus functional_call's re-parametrization at every call; grouped layers also
+keep BN's in-place running statistics, ghost BN and channels_last exactly as a run alone has
+them. Measured side by side on ResNet-8 without BN, K = 8, forward and backward only, one
+thread of this project's 2-core CPU (median of 3): sequential 44.4 / 99.0 / 192 ms at
+B = 2 / 8 / 32, vmap 47.8 / 118 / 318 ms, grouped layers 35.2 / 107 / 297 ms: grouped layers
+the faster at every B. `python -m bench --only ensemble` times whole steps (data, loss,
+update) of both against sequential training; on the loaded machine this was written on they
+came out within noise of each other (one thread: x1.73 / 1.13 / 0.78 grouped, x1.79 / 1.06 /
+0.76 vmap, before the per-example loss and the stacked SGD update), to be measured again quiet.
 """
 
 from __future__ import annotations
