@@ -25,6 +25,7 @@ from torch import nn
 from bench.timing import median, side_by_side, spread, timed
 from sharp.config import TrainConfig
 from sharp.data import Dataset, DeviceLoader
+from sharp.ensemble import Stack, stacked_step
 from sharp.models import GhostBatchNorm2d, build_model
 from sharp.probes.common import Batch, ProbeModel
 from sharp.probes.hessian import HessianOperator, hessian_top_eigenvalues
@@ -100,6 +101,8 @@ def make_trainer(
     channels_last: bool | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    seed: int = 0,
+    momentum: float = MOMENTUM,
 ) -> Training:
     """sharp's own training setup (device-resident uint8 data, batched augmentation on the
     device, channels_last, exact accumulation), as `sharp train` builds it; it writes nothing."""
@@ -112,7 +115,8 @@ def make_trainer(
         micro_batch=micro,
         augment=augment,
         lr=BASE_LR,
-        momentum=MOMENTUM,
+        momentum=momentum,
+        seed=seed,
         eval_train_size=min(256, len(ds.train_labels)),
         device=str(device),
         channels_last=channels_last,
@@ -883,4 +887,191 @@ def bench_tracking(
         "cold": spread(times["cold"]),
         "hvps": hvps,
         "lambda_max": lambdas,
+    }
+
+
+# --- ensembles: K runs as one against K runs in turn ---------------------------------------------
+
+
+def vmap_ensemble_step(base: nn.Module, params: dict, buffers: dict, windows: list[Iterator[Any]]) -> None:
+    """The torch.func way (stack_module_state + functional_call + vmap) of one step of K runs:
+    each run's window side by side on a leading member axis, one vmapped forward, one backward,
+    plain SGD on the stacked parameters (the design baseline of `sharp.ensemble`)."""
+
+    def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    steps = [next(w) for w in windows]
+    for p in params.values():
+        p.grad = None
+    for batches in zip(*(w.micro_batches() for w in steps), strict=True):
+        inputs = torch.stack([x for x, _ in batches])
+        targets = torch.stack([y for _, y in batches])
+        outputs = torch.vmap(forward)(params, buffers, inputs)
+        loss = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="sum")
+        (loss / steps[0].count).backward()
+    with torch.no_grad():
+        for p in params.values():
+            p.sub_(BASE_LR * p.grad)
+
+
+def bench_ensemble(
+    ds: Dataset,
+    device: torch.device,
+    batches: tuple[int, ...],
+    steps: dict[int, int],
+    reps: int,
+    members: int = 8,
+    model: str = "resnet8",
+    width: float = 1.0,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """K runs of one model (no BN, SGD without momentum, no augmentation: Masters & Luschi's
+    ResNet-8) at each batch B, `steps[B]` optimizer steps each, three ways side by side: one
+    after another with `train_step` (a sweep without --ensemble), as one ensemble with
+    `sharp.ensemble.stacked_step`, and with torch.func's vmap. Speed-up = sequential time over
+    ensemble time; each way has its own K freshly built runs (seeds 0..K-1)."""
+    out: dict[str, Any] = {
+        "settings": {
+            "members": members,
+            "model": model,
+            "width": width,
+            "norm": "none",
+            "optimizer": "sgd",
+            "momentum": 0.0,
+            "augment": False,
+            "steps": steps,
+            "reps": reps,
+        }
+    }
+    for batch in batches:
+        runs = [
+            [
+                make_trainer(
+                    ds,
+                    device,
+                    model,
+                    batch,
+                    batch,
+                    norm="none",
+                    width=width,
+                    augment=False,
+                    seed=s,
+                    momentum=0.0,
+                )
+                for s in range(members)
+            ]
+            for _ in range(3)
+        ]
+        out[f"B{batch}"] = _ensemble_side_by_side(runs, device, batch, steps[batch], reps, warmup)
+    return out
+
+
+def _ensemble_side_by_side(
+    runs: list[list[Training]], device: torch.device, batch: int, steps: int, reps: int, warmup: int
+) -> dict[str, Any]:
+    alone, together, vmapped = runs
+    windows = {
+        name: [trainer_windows(t, batch, batch) for t in ts] for name, ts in zip("atv", runs, strict=True)
+    }
+    stack = Stack(copy.deepcopy(together[0].model), [t.model for t in together])
+    base = copy.deepcopy(vmapped[0].model).to("meta")
+    params, buffers = torch.func.stack_module_state([t.model for t in vmapped])
+
+    def sequential() -> None:
+        for t, each in zip(alone, windows["a"], strict=True):
+            sharp_steps(t, each, steps)
+
+    def ensemble() -> None:
+        for _ in range(steps):
+            stacked_step(stack, together, [(next(w), BASE_LR, False) for w in windows["t"]])
+
+    def vmap() -> None:
+        for _ in range(steps):
+            vmap_ensemble_step(base, params, buffers, windows["v"])
+
+    times = side_by_side(
+        {"sequential": sequential, "ensemble": ensemble, "vmap": vmap}, device, reps=reps, warmup=warmup
+    )
+    stack.release()
+    images = len(alone) * steps * batch
+    medians = {name: median(t) for name, t in times.items()}
+
+    def max_diff(models: list[dict[str, torch.Tensor]]) -> float:  # the same steps, the same weights?
+        return max(
+            (m[k] - t.model.state_dict()[k]).abs().max().item()
+            for m, t in zip(models, alone, strict=True)
+            for k in m
+        )
+
+    vmapped_states = [{k: v[i] for k, v in params.items()} for i in range(len(vmapped))]
+    return {
+        **{name: spread(t) for name, t in times.items()},
+        "max_abs_diff_vs_sequential": {
+            "ensemble": max_diff([t.model.state_dict() for t in together]),
+            "vmap": max_diff(vmapped_states),
+        },
+        "speedup": medians["sequential"] / medians["ensemble"],
+        "vmap_speedup": medians["sequential"] / medians["vmap"],
+        **{f"{name}_images_per_s": images / m for name, m in medians.items()},
+    }
+
+
+def bench_ensemble_hvp(
+    models: list[nn.Module], batches: list[Batch], device: torch.device, reps: int = 5, warmup: int = 1
+) -> dict[str, Any]:
+    """Would a probe pay batched over K runs' models? One Hessian-vector product of each of K
+    models over one probe set (eval-mode BN), through sharp's HessianOperator with the gradient
+    graph kept: K times one after another, against once over the K models stacked
+    (`sharp.ensemble.Stack`, the probe batches given to every member, loss = the sum of the
+    members' losses, whose Hessian is block-diagonal: one block per member). Speed-up =
+    sequential time over stacked time; `max_rel_diff` compares the two answers."""
+    k = len(models)
+    alone = [HessianOperator(ProbeModel(m, batches), keep_graph=True) for m in models]
+    stack = Stack(copy.deepcopy(models[0]), [copy.deepcopy(m) for m in models])
+    stack.module.eval()
+
+    def summed(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_member = outputs.reshape(len(targets), k, -1).flatten(0, 1)
+        return k * F.cross_entropy(per_member, targets.repeat_interleave(k))  # sum of the K mean losses
+
+    repeated = [(x.repeat(1, k, *([1] * (x.dim() - 2))), y) for x, y in batches]
+    together = HessianOperator(ProbeModel(stack.module, repeated, loss_fn=summed), keep_graph=True)
+    sizes = [p.numel() for p in alone[0].params]
+    gen = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(op.n, generator=gen).to(device=op.device, dtype=op.dtype) for op in alone]
+    pieces = [v.split(sizes) for v in vectors]
+    stacked = torch.cat(
+        [piece[j] for j in range(len(sizes)) for piece in pieces]
+    )  # param by param, member by member
+
+    def unstack(flat: torch.Tensor) -> list[torch.Tensor]:
+        chunks = flat.split([size for size in sizes for _ in range(k)])
+        return [torch.cat([chunks[j * k + i] for j in range(len(sizes))]) for i in range(k)]
+
+    times = side_by_side(
+        {
+            "sequential": lambda: [op.matvec(v) for op, v in zip(alone, vectors, strict=True)],
+            "stacked": lambda: together.matvec(stacked),
+        },
+        device,
+        reps,
+        warmup,
+    )
+    answers = [op.matvec(v) for op, v in zip(alone, vectors, strict=True)]
+    diff = max(
+        float((a - b).norm() / b.norm())
+        for a, b in zip(unstack(together.matvec(stacked)), answers, strict=True)
+    )
+    return {
+        "speedup": median(times["sequential"]) / median(times["stacked"]),
+        "max_rel_diff": diff,
+        "settings": {
+            "members": k,
+            "n_examples": alone[0].probe.n_examples,
+            "batches": len(batches),
+            "reps": reps,
+        },
+        "sequential": spread(times["sequential"]),
+        "stacked": spread(times["stacked"]),
     }

@@ -34,8 +34,20 @@ TARGETS: dict[str, tuple[str, float]] = {
     "sharpness_seconds_per_iteration": ("<=", 3.0),
     "tracking_fraction.warm.resnet8": ("<=", 0.15),
     "tracking_fraction.warm.fc-tanh": ("<=", 0.15),
+    "ensemble_speedup.B2": (">=", 2.0),
+    "ensemble_speedup.B8": (">=", 1.3),
 }
-BENCHMARKS = ("train", "accumulation", "hvp", "hessian", "sharpness", "eval", "ghost_bn", "tracking")
+BENCHMARKS = (
+    "train",
+    "accumulation",
+    "hvp",
+    "hessian",
+    "sharpness",
+    "eval",
+    "ghost_bn",
+    "tracking",
+    "ensemble",
+)
 
 
 @dataclass
@@ -55,6 +67,8 @@ class Scale:
     probe_epochs: int = 3
     ghost_bn_reps: int = 7
     tracking_reps: int = 3
+    ensemble_steps: dict[int, int] = field(default_factory=lambda: {2: 16, 8: 8, 32: 4})  # per member and rep
+    ensemble_reps: int = 5
 
 
 QUICK = Scale(
@@ -70,6 +84,8 @@ QUICK = Scale(
     eval_reps=3,
     ghost_bn_reps=3,
     tracking_reps=1,
+    ensemble_steps={2: 8, 8: 4, 32: 2},
+    ensemble_reps=3,
 )
 FULL = Scale("full", train_steps={"resnet8": 10, "resnet32": 4})
 
@@ -87,6 +103,8 @@ TRACKING = {
         batch=5000, micro=1000, train_subset=5000, track_set="full", loss="mse", norm="none", lr=0.01
     ),
 }
+ENSEMBLE_BATCHES = (2, 8, 32)  # batch sizes of bench_ensemble (K = 8 ResNet-8 runs without BN)
+ENSEMBLE_HVP_MEMBERS = 4  # ResNet-8s (BN, eval mode) of bench_ensemble_hvp, probe set PROBE_HESSIAN
 
 
 def _log(message: str, started: float) -> None:
@@ -178,6 +196,19 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
             keys[f"tracking_hvps.warm.{model}"] = r["warm_hvps"]
             keys[f"tracking_hvps.cold.{model}"] = r["cold_hvps"]
             details[f"tracking.{model}"] = r
+    if "ensemble" in only:
+        _log("ensemble", started)
+        r = B.bench_ensemble(ds, device, ENSEMBLE_BATCHES, scale.ensemble_steps, reps=scale.ensemble_reps)
+        for batch in ENSEMBLE_BATCHES:
+            keys[f"ensemble_speedup.B{batch}"] = r[f"B{batch}"]["speedup"]
+            keys[f"ensemble_vmap_speedup.B{batch}"] = r[f"B{batch}"]["vmap_speedup"]
+        details["ensemble"] = r
+        _log("ensemble_hvp", started)
+        models = [build_model("resnet8", 3, 10).to(device) for _ in range(ENSEMBLE_HVP_MEMBERS)]
+        batches = B.probe_batches(ds, device, PROBE_HESSIAN, PROBE_HESSIAN)
+        r = B.bench_ensemble_hvp(models, batches, device, reps=scale.ensemble_reps)
+        keys["ensemble_hvp_speedup"] = r["speedup"]
+        details["ensemble_hvp"] = r
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 
@@ -296,6 +327,24 @@ def _notes(details: dict[str, Any]) -> list[str]:
                 f"lambda_max warm vs cold within "
                 f"{r['max_rel_diff_warm_cold']:.1e}"
             )
+    if "ensemble" in details:
+        s = details["ensemble"]
+        per_batch = [
+            f"B = {b}: sequential {s[f'B{b}']['sequential_images_per_s']:.0f} img/s, ensemble "
+            f"{s[f'B{b}']['ensemble_images_per_s']:.0f}, vmap {s[f'B{b}']['vmap_images_per_s']:.0f}"
+            for b in ENSEMBLE_BATCHES
+            if f"B{b}" in s
+        ]
+        out.append(
+            f"- ensemble: K = {s['settings']['members']} ResNet-8 runs without BN; " + "; ".join(per_batch)
+        )
+    if "ensemble_hvp" in details:
+        s = details["ensemble_hvp"]
+        out.append(
+            f"- ensemble_hvp: {s['settings']['members']} ResNet-8 HVPs over {s['settings']['n_examples']} "
+            f"images: one after another {s['sequential']['median_s']:.3f} s, stacked "
+            f"{s['stacked']['median_s']:.3f} s; max relative difference {s['max_rel_diff']:.1e}"
+        )
     return out
 
 

@@ -11,8 +11,10 @@ from sharp.runs import RunDir, atomic_torch_save, keep_previous, load_checkpoint
 
 
 def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state_dict as detached CPU tensors (what final.pt and epoch checkpoints hold)."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    """A module's state_dict as detached CPU copies (what the checkpoints and final.pt hold): a
+    copy, never a view, since torch.save writes a view's whole storage (an ensemble member's
+    weights view the stacked weights of every member, see sharp.ensemble)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 class Checkpointer:

@@ -281,7 +281,8 @@ def sweep() -> None:
 
 
 def launcher_options(func: Callable) -> Callable:
-    """--launcher, --workers, --ray-address, --gpus-per-run, --cpus-per-run, gathered into `launcher`."""
+    """--launcher, --workers, --ray-address, --gpus-per-run, --cpus-per-run, --ensemble, gathered into
+    `launcher`."""
     options = [
         click.option("--launcher", "kind", default="local", show_default=True, help="local or ray"),
         click.option(
@@ -298,6 +299,13 @@ def launcher_options(func: Callable) -> Callable:
             help="ray: GPUs per run (fractions ok)",
         ),
         click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="ray: CPUs per run"),
+        click.option(
+            "--ensemble",
+            type=int,
+            default=None,
+            help="train runs that share model, data and batch sizes as ensembles of up to K, one job each "
+            "(default 1; repro: the spec's)",
+        ),
     ]
 
     @functools.wraps(func)
@@ -308,11 +316,12 @@ def launcher_options(func: Callable) -> Callable:
         ray_address: str | None,
         gpus_per_run: float,
         cpus_per_run: float,
+        ensemble: int | None,
         **kwargs: Any,
     ) -> Any:
         from sharp.sweep import Launcher
 
-        launcher = Launcher(kind, workers, ray_address, gpus_per_run, cpus_per_run)
+        launcher = Launcher(kind, workers, ray_address, gpus_per_run, cpus_per_run, ensemble)
         return func(*args, launcher=launcher, **kwargs)
 
     for option in reversed(options):

@@ -3,7 +3,8 @@ Cohen et al. 2021 ("Gradient Descent on Neural Networks Typically Occurs at the 
 Stability"), ½‖f(x) − onehot(y)‖² per example.
 
 Each loss comes as a sum over the batch (training divides it by the window's example count,
-so accumulation is exact) and as a mean over the batch (the probes' `loss_fn`).
+so accumulation is exact), as a mean over the batch (the probes' `loss_fn`) and per example
+(an ensemble's members sum their own examples').
 """
 
 from __future__ import annotations
@@ -23,10 +24,22 @@ def cross_entropy_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(outputs, targets, reduction="sum")
 
 
+def _squared_errors(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    onehot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+    return (outputs - onehot).square()
+
+
 def squared_loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over examples of ½‖outputs − onehot(targets)‖²."""
-    onehot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
-    return 0.5 * (outputs - onehot).square().sum()
+    return 0.5 * _squared_errors(outputs, targets).sum()
+
+
+def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def squared_loss_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return 0.5 * _squared_errors(outputs, targets).sum(1)
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,6 +54,7 @@ def squared_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 _SUMMED = {"ce": cross_entropy_sum, "mse": squared_loss_sum}
 _MEAN = {"ce": cross_entropy, "mse": squared_loss}
+_PER_EXAMPLE = {"ce": cross_entropy_per_example, "mse": squared_loss_per_example}
 
 
 def _check(name: str) -> str:
@@ -52,6 +66,11 @@ def _check(name: str) -> str:
 def summed_loss(name: str) -> LossFn:
     """The loss `name` summed over the batch."""
     return _SUMMED[_check(name)]
+
+
+def per_example_loss(name: str) -> LossFn:
+    """The loss `name` of each example of the batch (an ensemble sums them member by member)."""
+    return _PER_EXAMPLE[_check(name)]
 
 
 def mean_loss(name: str) -> LossFn:

@@ -5,6 +5,7 @@ A spec extends the sweep format with named groups:
 ```toml
 name = "keskar"
 title = "..."
+ensemble = 8                # optional: runs that can share train as ensembles of up to 8 (--ensemble)
 [base]                      # `sharp train` settings of every run
 [groups.NAME]               # one grid of runs
 base = {...}                # the group's own settings (optional)
@@ -24,6 +25,7 @@ spec runs again, so a re-run after a crash continues where it stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -79,6 +81,7 @@ class ReproSpec:
     raw: dict[str, Any]
     groups: dict[str, Group] = field(default_factory=dict)
     interpolations: list[dict[str, Any]] = field(default_factory=list)
+    ensemble: int = 1  # runs that can share train as ensembles of up to this many (sharp.ensemble)
 
     @classmethod
     def load(
@@ -105,10 +108,14 @@ class ReproSpec:
         unknown = sorted(
             set(resolved)
             - {"name", "title", "paper", "description", "base", "groups", "interpolations", "report"}
+            - {"ensemble"}
         )
         if unknown:
             raise SharpError(f"spec {data.get('name')!r}: unknown key {unknown[0]!r}")
         spec = cls(str(resolved.get("name", "repro")), str(resolved.get("title", "")), scale, resolved)
+        spec.ensemble = resolved.get("ensemble", 1)
+        if not isinstance(spec.ensemble, int) or isinstance(spec.ensemble, bool) or spec.ensemble < 1:
+            raise SharpError(f"spec {spec.name!r}: ensemble = {spec.ensemble!r} must be a whole number >= 1")
         base = resolved.get("base", {})
         for group_name, group in resolved.get("groups", {}).items():
             extra = sorted(set(group) - {"base", "axes", "probes"})
@@ -214,7 +221,10 @@ def run_repro(
             for path, settings, probes in jobs
         ]
     echo(f"{spec.name} ({spec.scale}): {len(jobs)} runs")
-    states = (launcher or Launcher()).run(jobs, echo)
+    launcher = launcher or Launcher()
+    if launcher.ensemble is None:  # --ensemble not given: the spec's
+        launcher = dataclasses.replace(launcher, ensemble=spec.ensemble)
+    states = launcher.run(jobs, echo)
     timings["runs"] = time.perf_counter() - started
 
     mark = time.perf_counter()

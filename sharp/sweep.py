@@ -12,6 +12,7 @@ from the launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -118,13 +119,18 @@ def run_name(point: dict[str, Any], settings: dict[str, Any]) -> str:
     return f"{prefix}-{settings_hash(settings)}" if prefix else settings_hash(settings)
 
 
-def execute_run(run_dir: str, settings: dict[str, Any], probes: list[dict[str, Any]] | None = None) -> str:
+def execute_run(run_dir: str | list[str], settings: Any, probes: Any = None) -> str:
     """Train (or resume) one run and run each probe table on it; return its final state. Never raises.
 
     A run is resumed by the resume policy of `sharp train --resume` (`runs.plan_resume`): from
     its last checkpoint, or from step 0 if it was stopped before its first. A run another live
-    process is writing is left alone (`busy`).
+    process is writing is left alone (`busy`). An ensemble's job (lists of run directories,
+    settings and probes) goes to `execute_ensemble`.
     """
+    if isinstance(run_dir, list):
+        from sharp.ensemble import execute_ensemble
+
+        return execute_ensemble(run_dir, settings, probes)
     from sharp.errors import RunDiverged
     from sharp.runs import RunDir, RunLocked, plan_resume
     from sharp.train import train
@@ -184,13 +190,16 @@ def prepare_sweep(spec: SweepSpec, out: str | Path) -> tuple[Path, list[RunSpec]
 @dataclass(frozen=True)
 class Launcher:
     """Where runs execute: `local` (in turn, or `workers` processes) or `ray` (one task per run,
-    on the cluster at `ray_address`, or a local Ray started for the purpose)."""
+    on the cluster at `ray_address`, or a local Ray started for the purpose); with `ensemble`
+    K > 1, runs that can share train as ensembles of up to K (`sharp.ensemble`), one job each
+    (None: not asked, every run alone; `sharp repro` then takes its spec's `ensemble`)."""
 
     kind: str = "local"
     workers: int = 1
     ray_address: str | None = None
     gpus_per_run: float = 0.0
     cpus_per_run: float = 1.0
+    ensemble: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
@@ -199,9 +208,15 @@ class Launcher:
             raise SharpError(f"--workers {self.workers} must be at least 1")
         if not self.cpus_per_run > 0 or not self.gpus_per_run >= 0:
             raise SharpError("--cpus-per-run must be positive and --gpus-per-run zero or positive")
+        if self.ensemble is not None and not self.ensemble >= 1:
+            raise SharpError(f"--ensemble {self.ensemble} must be at least 1 (1: every run alone)")
 
     def run(self, jobs: list[tuple], echo: Callable[[str], None] = print) -> list[str]:
         """`execute_run(*job)` for every job; the final states, in the jobs' order."""
+        if (self.ensemble or 1) > 1:
+            from sharp.ensemble import run_jobs
+
+            return run_jobs(dataclasses.replace(self, ensemble=None), jobs, echo, self.ensemble)
         if self.kind == "ray":
             return _run_ray(jobs, self.ray_address, self.gpus_per_run, self.cpus_per_run, echo)
         return _run_local(jobs, self.workers, echo)
@@ -222,7 +237,7 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
         states = []
         for index, job in enumerate(jobs, 1):
             states.append(execute_run(*job))
-            echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
+            echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
         return states
     with worker_pool(workers) as pool:
         futures = [pool.submit(execute_run, *job) for job in jobs]
@@ -232,8 +247,15 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
                 states.append(future.result())
             except BrokenProcessPool:  # a worker died (killed, out of memory): the pool stops
                 states.append("lost")
-            echo(f"[{index}/{len(jobs)}] {Path(job[0]).name}: {states[-1]}")
+            echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
         return states
+
+
+def job_name(job: tuple) -> str:
+    """The run a job trains, or `FIRST+N` for an ensemble of N + 1 runs."""
+    if isinstance(job[0], list):
+        return f"{Path(job[0][0]).name}+{len(job[0]) - 1}"
+    return Path(job[0]).name
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
@@ -285,7 +307,7 @@ def _run_ray(
     try:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_run)
         refs = [task.remote(*job) for job in jobs]
-        names = {ref: Path(job[0]).name for ref, job in zip(refs, jobs, strict=True)}
+        names = {ref: job_name(job) for ref, job in zip(refs, jobs, strict=True)}
         pending, done_states = list(refs), {}
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -4,7 +4,9 @@ It reads top to bottom: `build` makes everything a run trains with from its sett
 `train_step` runs one optimizer step over a window of micro-batches, with no I/O and no
 host synchronisation (losses, counts and the divergence flag stay on the device); `fit` is
 the loop, which says in plain `if`s when it evaluates, tracks sharpness (`sharp.tracking`),
-checkpoints and stops; `train` owns the run directory around it.
+checkpoints and stops; `train` owns the run directory around it. `fit` (and `run_steps`
+around it) hands each optimizer step it needs to its driver, so that `drive` steps one run
+with `train_step` and `sharp.ensemble` steps several runs' loops with one stacked step.
 
 Each optimizer step takes a window of B examples from the epoch's permutation and runs it
 as micro-batches of b. Every micro-batch contributes its summed loss divided by the number
@@ -23,7 +25,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from sharp import __version__, runtime
-from sharp.checkpoint import Checkpointer
+from sharp.checkpoint import Checkpointer, plain_state
 from sharp.config import DEFAULT_EPOCHS, TrainConfig, resolved_micro_batch, track_set_size, validate
 from sharp.data import (
     Dataset,
@@ -583,7 +585,7 @@ def checkpoint_state(t: Training, state: RunState) -> dict[str, Any]:
     """Everything a resume needs: model, optimizer, RNG states, cursor, partial interval, clock."""
     clock = state.clock
     saved = {
-        "model": t.model.state_dict(),
+        "model": plain_state(t.model),
         "optimizer": t.optimizer.state_dict(),
         "progress": {**asdict(state.cursor), **state.interval.state()},
         "clock": {"train": clock.train, "eval": clock.eval, "wall": clock.wall},
@@ -685,6 +687,12 @@ def windows(t: Training, cursor: Cursor) -> Iterator[tuple[int, int, Window]]:
         epoch += 1
 
 
+# what the loop asks its driver for (the window, its lr, whether a stop was asked) and is sent
+# back (the step's result and the seconds it took)
+StepRequest = tuple[Window, float, bool]
+Steps = Generator[StepRequest, tuple[StepResult, float], dict[str, Any]]
+
+
 @dataclass
 class RunState:
     """A run's progress: cursor, the interval's running sums and the clock (all checkpointed)."""
@@ -702,9 +710,10 @@ def fit(
     state: RunState,
     fresh: bool = True,
     bar: bool = True,
-) -> dict[str, Any]:
+) -> Steps:
     """Train from `state` to the end, or until stopped; return the last evaluation. A `fresh`
-    run first records its starting point. Every rank runs this loop; rank 0 alone writes."""
+    run first records its starting point. Every rank runs this loop; rank 0 alone writes.
+    A generator: it yields each optimizer step as a `StepRequest` and is sent its result."""
     cfg, dist, cursor, clock = t.cfg, t.dist, state.cursor, state.clock
     diverged_at = torch.full((), -1, dtype=torch.long, device=t.device)
     stops = torch.zeros((), device=t.device)
@@ -754,9 +763,8 @@ def fit(
             if t.tracker is not None and t.tracker.due(cursor.step):  # at the weights this step starts from
                 check_finite()  # a diverged run stops as diverged, not inside Lanczos
                 log.append(t.tracker.measure(t.model, window, cursor.step, lr))
-            mark = time.perf_counter()
-            result = train_step(t, window, lr, signals.requested)
-            clock.train += time.perf_counter() - mark
+            result, seconds = yield window, lr, signals.requested
+            clock.train += seconds
             bad = ~torch.isfinite(result.loss_sum) & (diverged_at < 0)
             diverged_at = torch.where(bad, cursor.step, diverged_at)
             if result.stop is not None:
@@ -914,12 +922,31 @@ def train(
             checkpoints = Checkpointer(run, dist.is_main)
             log = MetricsLog(run, dist.is_main, cfg.tensorboard)
             try:
-                return _run(t, run, checkpoints, log, flags, resume, progress_bar and dist.is_main)
+                with StopSignals() as signals:
+                    bar = progress_bar and dist.is_main
+                    return drive(run_steps(t, run, checkpoints, log, flags, resume, bar, signals), t)
             finally:
                 log.close()
 
 
-def _run(
+def drive(steps: Steps, t: Training) -> dict[str, Any]:
+    """Run a loop's steps with `train_step` and return its last evaluation. An exception in a step
+    is thrown into the loop, which records it in the run's status and raises it again."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                mark = time.perf_counter()
+                done = train_step(t, *request), time.perf_counter() - mark
+            except BaseException as exc:
+                steps.throw(exc)
+                raise
+            request = steps.send(done)
+    except StopIteration as done:
+        return done.value
+
+
+def run_steps(
     t: Training,
     run: RunDir,
     checkpoints: Checkpointer,
@@ -927,7 +954,10 @@ def _run(
     flags: runtime.TorchFlags,
     resume: bool,
     bar: bool,
-) -> dict[str, Any]:
+    signals: StopSignals,
+) -> Steps:
+    """`fit` inside the run directory: config.json (or the resumed checkpoint) first, status.json
+    whatever happens, final.pt at the end. A generator, as `fit` is."""
     main = t.dist.is_main
     if resume:
         state = restore(t, checkpoints.load_last())
@@ -948,22 +978,21 @@ def _run(
             run.set_status(name, **{"step": state.cursor.step, **details})
 
     status("running")
-    with StopSignals() as signals:
-        try:
-            last = fit(t, checkpoints, log, signals, state, fresh=not resume, bar=bar)
-        except RunDiverged as exc:
-            log.append({"step": exc.step, "diverged": True, "reason": str(exc)})
-            status("diverged", step=exc.step, reason=str(exc))
-            raise
-        except StopRequested:
-            status("interrupted", reason="stopped by a signal after a whole step; continue with --resume")
-            raise
-        except KeyboardInterrupt:
-            status("interrupted", reason="stopped at once; --resume continues from the last checkpoint")
-            raise
-        except BaseException as exc:
-            status("failed", reason=f"{type(exc).__name__}: {exc}")
-            raise
+    try:
+        last = yield from fit(t, checkpoints, log, signals, state, fresh=not resume, bar=bar)
+    except RunDiverged as exc:
+        log.append({"step": exc.step, "diverged": True, "reason": str(exc)})
+        status("diverged", step=exc.step, reason=str(exc))
+        raise
+    except StopRequested:
+        status("interrupted", reason="stopped by a signal after a whole step; continue with --resume")
+        raise
+    except KeyboardInterrupt:
+        status("interrupted", reason="stopped at once; --resume continues from the last checkpoint")
+        raise
+    except BaseException as exc:
+        status("failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
     checkpoints.save_final(t.model)  # buffers averaged over ranks at the last evaluation
     keys = ("epoch", "examples", "test_loss", "test_acc", "eval_train_loss", "eval_train_acc")
     status(

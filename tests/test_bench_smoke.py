@@ -42,6 +42,28 @@ def test_accumulation_benchmark_runs_at_toy_size():
     assert _positive_finite(result["images_per_s_one_batch"])
 
 
+def test_ensemble_benchmark_runs_at_toy_size():
+    ds = load_synthetic(64)
+    result = benchmarks.bench_ensemble(
+        ds, torch.device("cpu"), (2, 4), {2: 2, 4: 1}, reps=1, members=2, model="convnet", width=0.5, warmup=0
+    )
+    for batch in (2, 4):
+        r = result[f"B{batch}"]
+        assert _positive_finite(r["speedup"]) and _positive_finite(r["vmap_speedup"])
+        assert len(r["ensemble"]["times_s"]) == 1
+        # the three ways took the same steps from the same starts: the same weights, to fp32 rounding
+        assert max(r["max_abs_diff_vs_sequential"].values()) < 1e-5
+
+
+def test_stacked_hvp_benchmark_runs_at_toy_size_and_agrees_with_each_model():
+    ds = load_synthetic(64)
+    models = [build_model("convnet", 3, 10, width=0.5).double() for _ in range(3)]
+    batches = [(x.double(), y) for x, y in benchmarks.probe_batches(ds, torch.device("cpu"), 16, 8)]
+    result = benchmarks.bench_ensemble_hvp(models, batches, torch.device("cpu"), reps=1, warmup=0)
+    assert _positive_finite(result["speedup"])
+    assert result["max_rel_diff"] < 1e-12  # each member's block of the stacked Hessian is its own, in fp64
+
+
 def test_verdict_reads_the_target_direction():
     assert verdict("accumulation_overhead", 0.01)[1] == "pass"
     assert verdict("accumulation_overhead", 0.2)[1] == "miss"
