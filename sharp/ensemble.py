@@ -49,7 +49,7 @@ from torch import nn
 
 from sharp import runtime
 from sharp.checkpoint import Checkpointer
-from sharp.config import TrainConfig, make_config, parse_batch_schedule, resolved_micro_batch
+from sharp.config import TrainConfig, batch_sizes, make_config, resolved_micro_batch
 from sharp.data import Dataset, load_dataset
 from sharp.distributed import Distributed
 from sharp.errors import RunDiverged, SharpError
@@ -66,7 +66,7 @@ from sharp.models import (
     _GhostBatchNorm,
 )
 from sharp.progress import progress_bar as make_progress_bar
-from sharp.runs import RunDir, load_checkpoint
+from sharp.runs import RunDir, RunLocked, load_checkpoint
 from sharp.signals import StopRequested, StopSignals
 from sharp.train import StepRequest, StepResult, Steps, Training, build, run_steps
 
@@ -106,7 +106,9 @@ MEMBER_SETTINGS = frozenset(
 )
 # settings that keep a run out of any ensemble: a compiled or DDP model, and the online noise
 # scale, which reads every micro-batch's gradient of one run
-SOLO_SETTINGS = ("compile", "sync_bn", "noise_scale")
+# each of these needs a run's own step or model: a compiled forward, BN across ranks, the online
+# noise scale's micro-batch gradients, SAM's second pass, the tracker's HVPs of its own model
+SOLO_SETTINGS = ("compile", "sync_bn", "noise_scale", "sam_rho", "track_sharpness")
 # on the CPU an ensemble pays for small micro-batches only: grouped convolutions are no faster per
 # image than separate ones there, so what it saves is the per-run overhead of small ones (bench/)
 CPU_MAX_MICRO_BATCH = 8
@@ -149,10 +151,7 @@ def ensemble_pays(settings: dict[str, Any]) -> bool:
     if device.type != "cpu":
         return True
     cfg = TrainConfig(**settings)
-    batches = (
-        [b for _, b in parse_batch_schedule(cfg.batch_schedule)] if cfg.batch_schedule else [cfg.batch_size]
-    )
-    return max(resolved_micro_batch(cfg, b) for b in batches) <= CPU_MAX_MICRO_BATCH
+    return max(resolved_micro_batch(cfg, b) for b in batch_sizes(cfg)) <= CPU_MAX_MICRO_BATCH
 
 
 def group_runs(settings: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
@@ -637,6 +636,17 @@ def run_jobs(launcher: Any, jobs: list[tuple], echo: Any, size: int) -> list[str
     return states
 
 
+def _written_elsewhere(run: RunDir) -> bool:
+    """Whether another live process holds the run's writer lock (taken and released at once here)."""
+    if not run.path.exists():
+        return False
+    try:
+        with run.lock():
+            return False
+    except RunLocked:
+        return True
+
+
 def execute_ensemble(run_dirs: list[str], settings: list[dict[str, Any]], probes: list[Any]) -> str:
     """`sharp.sweep.execute_run` for runs that can share: train the unfinished ones as ensembles
     (the resumed ones grouped by the step they resume from), then probe each run; return their
@@ -653,6 +663,8 @@ def execute_ensemble(run_dirs: list[str], settings: list[dict[str, Any]], probes
         state = run.status().get("state") if run.is_run() else None
         if state == "diverged":
             states[index] = "diverged"
+        elif state != "finished" and _written_elsewhere(run):
+            states[index] = "busy"  # another live process writes it: left alone, as a sweep does
         elif state != "finished":
             resumed[index] = run.is_run() and run.last_checkpoint.exists()
             try:
