@@ -713,7 +713,8 @@ def previous_ghost_forward(layer: nn.Module, x: torch.Tensor, g: int) -> torch.T
 def ghost_bn_loop(layer: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
     """Ghost BN by its definition (Hoffer et al. 2017): torch's batch norm applied to each group
     of g examples in turn, each group updating the running statistics once (half-precision
-    input in float32, as sharp's layer computes it)."""
+    input in float32, as sharp's layer computes it). The reference that tests/test_ghost_bn.py
+    and `bench_ghost_bn` compare both of sharp's implementations with."""
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     outputs = []
     for chunk in x.split(g):
@@ -747,9 +748,12 @@ def bench_ghost_bn(
 ) -> dict[str, Any]:
     """Forward and backward of one ghost BN layer in training mode (channels_last input of
     ResNet-8's first stage: micro-batch 128, 16 channels, 32 x 32) at each ghost size: sharp's
-    batched normalization against `previous_ghost_forward` and `ghost_bn_loop`, side by side.
-    Reports the speedups (baseline median over sharp's median) and the largest difference of
-    output and input gradient from the loop."""
+    two implementations ("loop": torch's batch norm group by group; "batched": one fused
+    group-norm call) and `previous_ghost_forward`, side by side. Reports which one
+    `implementation="auto"` takes on this device, the batched one's speedup over the loop, the
+    auto choice's time over the faster one's (1 when the rule picks the faster), its speedup
+    over the previous code, and the largest difference of output and input gradient from
+    `ghost_bn_loop` (computed once, untimed)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=gen).to(device, memory_format=torch.channels_last)
     grad_out = torch.randn(x.shape, generator=gen).to(device, memory_format=torch.channels_last)
@@ -762,13 +766,14 @@ def bench_ghost_bn(
 def _ghost_bn_side_by_side(
     x: torch.Tensor, grad_out: torch.Tensor, g: int, device: torch.device, reps: int, warmup: int
 ) -> dict[str, Any]:
-    layers = {
-        name: GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device) for name in ("sharp", "previous", "loop")
-    }
+    layers = {name: GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device) for name in ("loop", "batched")}
+    for name, layer in layers.items():
+        layer.implementation = name
+    previous = GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device)
     forwards = {
-        "sharp": lambda: layers["sharp"](x),
-        "previous": lambda: previous_ghost_forward(layers["previous"], x, g),
-        "loop": lambda: ghost_bn_loop(layers["loop"], x, g),
+        "loop": lambda: layers["loop"](x),
+        "batched": lambda: layers["batched"](x),
+        "previous": lambda: previous_ghost_forward(previous, x, g),
     }
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -779,12 +784,20 @@ def _ghost_bn_side_by_side(
     times = side_by_side(
         {name: functools.partial(forward_backward, name) for name in forwards}, device, reps, warmup
     )
-    sharp_s = median(times["sharp"])
+    reference = GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device)
+    y = ghost_bn_loop(reference, x, g)
+    expected = (y.detach(), torch.autograd.grad(y, x, grad_out)[0])
+    auto = GhostBatchNorm2d(x.shape[1], ghost_batch=g)._ghost_implementation(x, g)
+    medians = {name: median(t) for name, t in times.items()}
     return {
-        "speedup_vs_previous": median(times["previous"]) / sharp_s,
-        "speedup_vs_loop": median(times["loop"]) / sharp_s,
+        "auto_implementation": auto,
+        "batched_speedup_vs_loop": medians["loop"] / medians["batched"],
+        "auto_over_fastest": medians[auto] / min(medians["loop"], medians["batched"]),
+        "speedup_vs_previous": medians["previous"] / medians[auto],
         "max_abs_diff_vs_loop": max(
-            float((a - b).abs().max()) for a, b in zip(outputs["sharp"], outputs["loop"], strict=True)
+            float((a - b).abs().max())
+            for name in ("loop", "batched")
+            for a, b in zip(outputs[name], expected, strict=True)
         ),
         **{name: spread(t) for name, t in times.items()},
     }
