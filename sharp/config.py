@@ -159,6 +159,10 @@ class TrainConfig:
     precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp64", PRECISIONS)
     channels_last: bool | None = _opt(None, "channels_last memory layout (default: on for conv nets)")
     compile: bool = _opt(False, "torch.compile the model (opt-in)")
+    cuda_graphs: bool = _opt(
+        False,
+        "compile with CUDA graphs (reduce-overhead, fixed shapes): needs CUDA, --drop-last, one micro-batch",
+    )
     tf32: bool = _opt(False, "let CUDA run fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa)")
     sync_bn: bool = _opt(False, "DDP: normalize BN over the micro-batches of all ranks together")
 
@@ -323,6 +327,29 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
+    if cfg.cuda_graphs:
+        _check_cuda_graphs(cfg)
+
+
+def _check_cuda_graphs(cfg: TrainConfig) -> None:
+    """--cuda-graphs replays kernels recorded for fixed shapes (torch.compile mode reduce-overhead)."""
+    if cfg.device == "cpu":
+        raise SharpError("--cuda-graphs needs a CUDA device: drop --device cpu or --cuda-graphs")
+    if not cfg.drop_last:
+        raise SharpError(
+            "--cuda-graphs needs fixed shapes: add --drop-last (a short last batch would re-record)"
+        )
+    if cfg.precision == "fp64":
+        raise SharpError(
+            "--cuda-graphs compiles the model, which --precision fp64 does not support: drop one"
+        )
+    if cfg.sam_m or any(resolved_micro_batch(cfg, b) < b for b in batch_sizes(cfg)):
+        # torch's CUDA graphs install a replay's output buffer as .grad, and the next micro-batch's
+        # replay overwrites it (pytorch/pytorch#169545): accumulated gradients would be wrong
+        raise SharpError(
+            "--cuda-graphs takes one micro-batch per step (CUDA graphs break gradient accumulation): "
+            "set --micro-batch to the batch size, and no --sam-m"
+        )
 
 
 def _check_full_batch(cfg: TrainConfig) -> None:
