@@ -48,6 +48,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp64")
 BN_MODES = ("eval", "recompute", "batch")  # probe BN statistics (sharp.probes.bn); defined here only
 HESSIAN_METHODS = ("lanczos", "power", "pyhessian")
+TRACE_ESTIMATORS = ("hutchinson", "hutch++")  # sharp.probes.hessian.stochastic_trace; defined here only
 NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
 DEFAULT_MICRO_BATCH_CAP = 512
@@ -453,6 +454,11 @@ class ProbeConfig:
     )
     trace: bool = _opt(False, "Hessian trace (Hutchinson) with its standard error")
     trace_samples: int = _opt(100, "at most this many Rademacher vectors (HVPs) for --trace")
+    trace_estimator: str = _opt(
+        "hutchinson",
+        "estimator of --trace: hutchinson, or hutch++ (a third of the HVPs sketch the top of the spectrum)",
+        TRACE_ESTIMATORS,
+    )
     density: bool = _opt(False, "Hessian spectral density (stochastic Lanczos quadrature)")
     density_iter: int = _opt(100, "Lanczos steps (HVPs) per run of --density")
     density_runs: int = _opt(1, "random starting vectors of --density, averaged (PyHessian: 1)")
@@ -498,6 +504,15 @@ class ProbeConfig:
         if self.trace_samples < 2:
             raise SharpError(
                 f"--trace-samples {self.trace_samples}: a standard error needs at least 2 samples"
+            )
+        if self.trace_estimator == "hutch++" and self.trace_samples < 6:
+            raise SharpError(
+                f"--trace-estimator hutch++ with --trace-samples {self.trace_samples}: the sketch takes two "
+                "thirds and a standard error needs 2 more: give at least 6"
+            )
+        if self.trace and self.trace_estimator == "hutch++" and self.method == "pyhessian":
+            raise SharpError(
+                "--method pyhessian traces by PyHessian's Hutchinson: drop it or --trace-estimator hutch++"
             )
         parse_positive_list(self.eps, "--eps")
         for name in ("rho", "average_rho"):
