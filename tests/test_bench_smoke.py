@@ -3,7 +3,9 @@ peers' baselines run where their packages (the `bench` extra) are installed and 
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +124,46 @@ def test_probe_memory_benchmark_runs_in_fresh_processes():
     for mode, keep in (("kept", True), ("chunked", False)):
         assert result[mode]["keep_graph"] is keep and result[mode]["batches"] == 2
         assert result[mode]["peak_mib"] >= 0 and result[mode]["measure"] == "ru_maxrss over current RSS"
+
+
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_gpu_check_reads_its_arguments_and_fails_fast_without_a_gpu(tmp_path):
+    assert _gpu_check("--help").returncode == 0
+    for bad in (["--bogus"], ["--budget", "5m"]):
+        done = _gpu_check(*bad)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("gpu_check:")
+    if torch.cuda.is_available():
+        return  # the rest is the no-GPU path
+    done = _gpu_check("--python", sys.executable, "--out", str(tmp_path / "g.json"))
+    assert done.returncode == 2 and "no CUDA device" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_gpu_report_merges_each_benchmark_and_the_cuda_tests(tmp_path):
+    from bench.gpu_report import gpu_report
+
+    (tmp_path / "bench-hvp.rc").write_text("0\n")
+    (tmp_path / "bench-hvp.json").write_text(json.dumps({"keys": {"hvp_over_grad": 2.3}, "details": {}}))
+    (tmp_path / "bench-trace.rc").write_text("124\n")
+    (tmp_path / "bench-trace.log").write_text("x" * 5000 + "killed")
+    (tmp_path / "pytest.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'
+        '<testcase classname="tests.test_cuda" name="test_a"/>'
+        '<testcase classname="tests.test_cuda" name="test_b"><failure message="no"/></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_c"/></testsuite></testsuites>'
+    )
+    report = gpu_report(tmp_path, ["hvp", "trace"], pytest_exit=1, seconds=42)
+    assert report["keys"] == {"hvp_over_grad": 2.3}
+    assert report["benchmarks"]["trace"]["timed_out"] and report["benchmarks"]["trace"]["log_tail"].endswith(
+        "killed"
+    )
+    assert len(report["benchmarks"]["trace"]["log_tail"]) == 4000
+    assert report["pytest_cuda"]["tests"] == 3 and report["pytest_cuda"]["failed"] == [
+        "tests.test_cuda::test_b"
+    ]
+    assert report["ensemble"].startswith("not registered") and report["ok"] is False
