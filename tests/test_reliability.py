@@ -379,6 +379,7 @@ NOT_SET = {
     "lr": "exclusive with --base-lr",
     "steps": "exclusive with --epochs",
     "compile": "compiling takes most of a minute",
+    "cuda_graphs": "needs a CUDA device (tests/test_cuda.py)",
 }
 
 
