@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/torch.txt
-	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
+import json
 import math
 import sys
 import tempfile
@@ -28,7 +30,7 @@ from sharp.data import Dataset, DeviceLoader
 from sharp.ensemble import Stack, stacked_step
 from sharp.models import GhostBatchNorm2d, build_model
 from sharp.probes.common import Batch, ProbeModel
-from sharp.probes.hessian import HessianOperator, hessian_top_eigenvalues
+from sharp.probes.hessian import HessianOperator, hessian_top_eigenvalues, hessian_trace
 from sharp.probes.sharpness import epsilon_sharpness
 from sharp.train import EVAL_BATCH, Training, build, evaluate, train, train_step
 
@@ -161,7 +163,8 @@ def bench_train(
 ) -> dict[str, Any]:
     """Training images/s: sharp's Trainer against the tutorial loop (torchvision Dataset of
     PIL images, per-sample RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, DataLoader,
-    default memory layout, loss / accum_steps accumulation), same model, batch and data.
+    default memory layout, loss / accum_steps accumulation, the loss read once per optimizer
+    step), same model, batch and data.
 
     With `decompose`, a third side is timed too: sharp's Trainer in the default memory layout,
     which splits the speedup into the layout's share and the data pipeline's share. With
@@ -196,7 +199,7 @@ def bench_train(
     loader = tutorial_loader(
         ds.train_images, ds.train_labels, ds, micro, augment=True, num_workers=num_workers, shuffle=True
     )
-    state: dict[str, Any] = {"it": None, "running_loss": 0.0}
+    state: dict[str, Any] = {"it": None, "running_loss": 0.0}  # running_loss: what a user's log line prints
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         if state["it"] is None:
@@ -208,14 +211,18 @@ def bench_train(
             return next(state["it"])
 
     def naive_step() -> None:
+        step_loss = torch.zeros((), device=device)
         for _ in range(accum):
             inputs, targets = next_batch()
             inputs, targets = inputs.to(device), targets.to(device)
             loss = criterion(naive_model(inputs), targets) / accum
             loss.backward()
-            state["running_loss"] += loss.item()
+            step_loss += loss.detach()  # on the device: no host sync per micro-batch
         optimizer.step()
         optimizer.zero_grad()
+        state["running_loss"] += (
+            step_loss.item()
+        )  # the loss read once per optimizer step, as a careful loop logs it
 
     # Start the worker processes now: forking makes the parent's memory copy-on-write, and the
     # first run after the fork (of either side: one process) pays the page copies. Warm-up absorbs it.
@@ -333,6 +340,42 @@ def bench_accumulation(
         "one_batch": spread(times["one_batch"]),
         "images_per_s_accumulated": steps * batch / median(times["accumulated"]),
         "images_per_s_one_batch": steps * batch / median(times["one_batch"]),
+    }
+
+
+def bench_throughput(
+    ds: Dataset,
+    device: torch.device,
+    model: str = "resnet8",
+    batches: tuple[int, ...] = (8, 128, 1024),
+    images: int = 2048,
+    reps: int = 3,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Training images/s of sharp's Trainer (fp32, channels_last, BN, each batch one micro-batch)
+    at each batch size B, timed side by side: max(1, images // B) optimizer steps per repetition,
+    so small batches show their per-step overhead (kernel launches on a GPU, Python on a CPU)."""
+    trainers = {b: make_trainer(ds, device, model, b, b) for b in batches}
+    windows = {b: trainer_windows(t, b, b) for b, t in trainers.items()}
+    steps = {b: max(1, images // b) for b in batches}
+    runs = {f"b{b}": functools.partial(sharp_steps, trainers[b], windows[b], steps[b]) for b in batches}
+    times = side_by_side(runs, device, reps=reps, warmup=warmup)
+    return {
+        **{
+            f"b{b}": {
+                "images_per_s": steps[b] * b / median(times[f"b{b}"]),
+                "steps_per_rep": steps[b],
+                **spread(times[f"b{b}"]),
+            }
+            for b in batches
+        },
+        "settings": {
+            "model": model,
+            "precision": "fp32",
+            "channels_last": trainers[batches[0]].channels_last,
+            "micro_batch": "= batch",
+            "reps": reps,
+        },
     }
 
 
@@ -717,7 +760,8 @@ def previous_ghost_forward(layer: nn.Module, x: torch.Tensor, g: int) -> torch.T
 def ghost_bn_loop(layer: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
     """Ghost BN by its definition (Hoffer et al. 2017): torch's batch norm applied to each group
     of g examples in turn, each group updating the running statistics once (half-precision
-    input in float32, as sharp's layer computes it)."""
+    input in float32, as sharp's layer computes it). The reference that tests/test_ghost_bn.py
+    and `bench_ghost_bn` compare both of sharp's implementations with."""
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     outputs = []
     for chunk in x.split(g):
@@ -751,9 +795,12 @@ def bench_ghost_bn(
 ) -> dict[str, Any]:
     """Forward and backward of one ghost BN layer in training mode (channels_last input of
     ResNet-8's first stage: micro-batch 128, 16 channels, 32 x 32) at each ghost size: sharp's
-    batched normalization against `previous_ghost_forward` and `ghost_bn_loop`, side by side.
-    Reports the speedups (baseline median over sharp's median) and the largest difference of
-    output and input gradient from the loop."""
+    two implementations ("loop": torch's batch norm group by group; "batched": one fused
+    group-norm call) and `previous_ghost_forward`, side by side. Reports which one
+    `implementation="auto"` takes on this device, the batched one's speedup over the loop, the
+    auto choice's time over the faster one's (1 when the rule picks the faster), its speedup
+    over the previous code, and the largest difference of output and input gradient from
+    `ghost_bn_loop` (computed once, untimed)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=gen).to(device, memory_format=torch.channels_last)
     grad_out = torch.randn(x.shape, generator=gen).to(device, memory_format=torch.channels_last)
@@ -766,13 +813,14 @@ def bench_ghost_bn(
 def _ghost_bn_side_by_side(
     x: torch.Tensor, grad_out: torch.Tensor, g: int, device: torch.device, reps: int, warmup: int
 ) -> dict[str, Any]:
-    layers = {
-        name: GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device) for name in ("sharp", "previous", "loop")
-    }
+    layers = {name: GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device) for name in ("loop", "batched")}
+    for name, layer in layers.items():
+        layer.implementation = name
+    previous = GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device)
     forwards = {
-        "sharp": lambda: layers["sharp"](x),
-        "previous": lambda: previous_ghost_forward(layers["previous"], x, g),
-        "loop": lambda: ghost_bn_loop(layers["loop"], x, g),
+        "loop": lambda: layers["loop"](x),
+        "batched": lambda: layers["batched"](x),
+        "previous": lambda: previous_ghost_forward(previous, x, g),
     }
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -783,12 +831,20 @@ def _ghost_bn_side_by_side(
     times = side_by_side(
         {name: functools.partial(forward_backward, name) for name in forwards}, device, reps, warmup
     )
-    sharp_s = median(times["sharp"])
+    reference = GhostBatchNorm2d(x.shape[1], ghost_batch=g).to(device)
+    y = ghost_bn_loop(reference, x, g)
+    expected = (y.detach(), torch.autograd.grad(y, x, grad_out)[0])
+    auto = GhostBatchNorm2d(x.shape[1], ghost_batch=g)._ghost_implementation(x, g)
+    medians = {name: median(t) for name, t in times.items()}
     return {
-        "speedup_vs_previous": median(times["previous"]) / sharp_s,
-        "speedup_vs_loop": median(times["loop"]) / sharp_s,
+        "auto_implementation": auto,
+        "batched_speedup_vs_loop": medians["loop"] / medians["batched"],
+        "auto_over_fastest": medians[auto] / min(medians["loop"], medians["batched"]),
+        "speedup_vs_previous": medians["previous"] / medians[auto],
         "max_abs_diff_vs_loop": max(
-            float((a - b).abs().max()) for a, b in zip(outputs["sharp"], outputs["loop"], strict=True)
+            float((a - b).abs().max())
+            for name in ("loop", "batched")
+            for a, b in zip(outputs[name], expected, strict=True)
         ),
         **{name: spread(t) for name, t in times.items()},
     }
@@ -1075,3 +1131,401 @@ def bench_ensemble_hvp(
         "sequential": spread(times["sequential"]),
         "stacked": spread(times["stacked"]),
     }
+
+
+# --- curvature against every peer: hessian-eigenthings, curvlinops (the `bench` extra) ------------
+
+PEER_PACKAGES = {"hessian_eigenthings": "hessian-eigenthings", "curvlinops": "curvlinops-for-pytorch"}
+
+
+def peer_missing(module: str) -> str | None:
+    """None when the peer imports here, else a one-line reason to skip its baseline."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # not installed, or broken by this torch: either way it cannot run
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return f"{PEER_PACKAGES[module]} cannot be imported ({reason}); pip install -e '.[bench]'"
+    return None
+
+
+def _counted(fn: Any) -> tuple[Any, list[int]]:
+    """`fn` wrapped to count its calls (one call = one HVP for the matvecs wrapped here)."""
+    count = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped, count
+
+
+def run_eigenthings_top(
+    model: nn.Module, batch: Batch, device: torch.device, max_iter: int, seed: int, k: int = 5
+) -> tuple[float, list[float], int]:
+    """hessian-eigenthings 1.0's Lanczos for `max_iter` steps (its default is 2k, 21-42 % off:
+    REFERENCE.md), with the settings it needs to be right: the model in eval mode (in train mode
+    it normalizes with batch statistics and moves BN's running statistics), which="LA" (its
+    default "LM" ranks by magnitude, so a large negative eigenvalue could take a top-k place),
+    full reorthogonalization forced on (its default turns it off above 50 steps), one batch (it
+    averages batches with equal weight whatever their size)."""
+    from hessian_eigenthings import HessianOperator as EigenthingsHessian
+    from hessian_eigenthings import lanczos as eigenthings_lanczos
+    from hessian_eigenthings import supervised_loss
+
+    work = copy.deepcopy(model).eval()
+    op = EigenthingsHessian(work, [batch], supervised_loss(nn.CrossEntropyLoss()))
+    op.matvec, count = _counted(op.matvec)
+
+    def solve() -> Any:
+        return eigenthings_lanczos(op, k=k, max_iter=max_iter, which="LA", reorthogonalize=True, seed=seed)
+
+    seconds, result = timed(solve, device)
+    return seconds, sorted((float(v) for v in result.eigenvalues), reverse=True), count[0]
+
+
+def curvlinops_hessian(model: nn.Module, batch: Batch) -> Any:
+    """curvlinops 3.0's HessianLinearOperator of the mean cross-entropy on one batch, the model
+    in eval mode (its jvp(jacrev) HVPs are wrong through batch-statistics BN: REFERENCE.md; eval
+    BN is an affine map). check_deterministic=False: its check costs extra passes at build time,
+    and the answer is checked against the reference here instead (this favours the baseline)."""
+    from curvlinops import HessianLinearOperator
+
+    work = copy.deepcopy(model).eval()
+    params = [p for p in work.parameters() if p.requires_grad]
+    return HessianLinearOperator(
+        work, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False, num_data=len(batch[1])
+    )
+
+
+def run_curvlinops_top(
+    model: nn.Module, batch: Batch, device: torch.device, tol: float, seed: int, k: int = 5
+) -> tuple[float, list[float], int]:
+    """curvlinops' operator through `to_scipy` into scipy's eigsh (which="LA", float64 on the
+    scipy side: ARPACK in single precision stalls near 1e-4), seeded start vector, at `tol`
+    (eigsh's default 0 means machine precision)."""
+    import scipy.sparse.linalg as sla
+
+    count = [0]
+
+    def solve() -> np.ndarray:
+        scipy_op = curvlinops_hessian(model, batch).to_scipy(dtype=np.float64)
+        matvec, calls = _counted(scipy_op.matvec)
+        linear = sla.LinearOperator(scipy_op.shape, matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(seed).standard_normal(scipy_op.shape[0])
+        values = sla.eigsh(linear, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        count[0] = calls[0]
+        return values
+
+    seconds, values = timed(solve, device)
+    return seconds, sorted((float(v) for v in values), reverse=True), count[0]
+
+
+EIGENTHINGS_LADDER = (10, 15, 20, 25, 30, 40, 50, 60, 80, 100)  # Lanczos steps; its default is 2k = 10
+CURVLINOPS_LADDER = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8)  # eigsh tol
+TOP_PEERS = {
+    "eigenthings": ("hessian_eigenthings", run_eigenthings_top, EIGENTHINGS_LADDER, "max_iter"),
+    "curvlinops": ("curvlinops", run_curvlinops_top, CURVLINOPS_LADDER, "eigsh_tol"),
+}
+
+
+def _calibrate(run: Any, ladder: tuple[Any, ...], reference: list[float], accuracy: float) -> list[dict]:
+    """Run each setting of the ladder in turn until one's top k are all within `accuracy`
+    (relative) of the reference; every trial is recorded (and timed)."""
+    trials = []
+    for setting in ladder:
+        seconds, values, hvps = run(setting)
+        error = relative_error(values, reference)
+        trials.append(
+            {
+                "setting": setting,
+                "seconds": seconds,
+                "hvps": hvps,
+                "eigenvalues": values,
+                "max_rel_error": error,
+            }
+        )
+        if error <= accuracy:
+            break
+    return trials
+
+
+def bench_hessian_peers(
+    model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    reference: list[float],
+    reference_name: str,
+    reps: int = 1,
+    accuracy: float = 1e-3,
+    k: int = 5,
+    seed: int = 0,
+    peers: tuple[str, ...] = tuple(TOP_PEERS),
+    ladders: dict[str, tuple[Any, ...]] | None = None,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Top-k eigenvalues by sharp's Lanczos against each peer, each at the loosest setting of its
+    ladder whose top k are within `accuracy` of `reference` (eigsh to 1e-8 on the ResNet, or the
+    dense Hessian's eigenvalues on a small net): HVPs and wall time of each. A peer that does not
+    import is skipped with its reason. Calibration runs are timed; `reps` > 1 adds timings of the
+    accepted settings, alternating sharp and the peer. `ladders` replaces a peer's ladder (tests
+    use one known-good setting); `warmup=False` drops the untimed first runs."""
+    sharp_run = functools.partial(run_sharp_top, model, batch, device, seed=seed, k=k)
+    if warmup:
+        sharp_run(tol=1e-3)  # kernels, allocator
+    sharp_trials = _calibrate(lambda tol: sharp_run(tol=tol), SHARP_LADDER, reference, accuracy)
+    sharp_best = sharp_trials[-1]
+    sharp_times = [sharp_best["seconds"]]
+    out: dict[str, Any] = {
+        "reference": reference,
+        "reference_name": reference_name,
+        "accuracy": accuracy,
+        "settings": {"k": k, "n_examples": len(batch[1]), "seed": seed, "bn_mode": "eval", "reps": reps},
+    }
+    for name in peers:
+        module, runner, ladder, setting_name = TOP_PEERS[name]
+        ladder = (ladders or {}).get(name, ladder)
+        missing = peer_missing(module)
+        if missing is not None:
+            out[name] = {"skipped": missing}
+            continue
+        peer_run = functools.partial(runner, model, batch, device, seed=seed, k=k)
+        if warmup:
+            peer_run(ladder[0])
+        trials = _calibrate(peer_run, ladder, reference, accuracy)
+        best = trials[-1]
+        times = [best["seconds"]]
+        while len(times) < reps:  # more timings of the accepted settings, alternating the order
+            for who in ("peer", "sharp") if len(times) % 2 else ("sharp", "peer"):
+                if who == "peer":
+                    times.append(peer_run(best["setting"])[0])
+                else:
+                    sharp_times.append(sharp_run(tol=sharp_best["setting"])[0])
+        out[name] = {
+            setting_name: best["setting"],
+            "hvps": best["hvps"],
+            "max_rel_error": best["max_rel_error"],
+            "accurate": best["max_rel_error"] <= accuracy,
+            **spread(times),
+            "ladder": trials,
+        }
+    sharp_median = median(sharp_times)
+    out["sharp"] = {
+        "tol": sharp_best["setting"],
+        "hvps": sharp_best["hvps"],
+        "max_rel_error": sharp_best["max_rel_error"],
+        "accurate": sharp_best["max_rel_error"] <= accuracy,
+        **spread(sharp_times),
+        "ladder": sharp_trials,
+    }
+    for name in peers:
+        if "skipped" not in out[name]:
+            out[name]["speedup"] = out[name]["median_s"] / sharp_median  # peer's time over sharp's
+            out[name]["hvp_ratio"] = out[name]["hvps"] / sharp_best["hvps"]  # peer's HVPs over sharp's
+    return out
+
+
+def dense_hessian(model: nn.Module, batch: Batch) -> np.ndarray:
+    """The Hessian of the mean cross-entropy on one batch, model in eval mode, by double backward
+    (never torch.func.hessian: REFERENCE.md), all rows in one `torch.autograd.grad` call over the
+    identity's columns (`is_grads_batched`: 9x faster than a call per row, the same numbers)."""
+    work = copy.deepcopy(model).eval()
+    params = [p for p in work.parameters() if p.requires_grad]
+    x, y = batch
+    grads = torch.autograd.grad(F.cross_entropy(work(x), y), params, create_graph=True)
+    g = torch.cat([t.reshape(-1) for t in grads])
+    eye = torch.eye(g.numel(), dtype=g.dtype, device=g.device)
+    rows = torch.autograd.grad(g, params, grad_outputs=eye, is_grads_batched=True)
+    return torch.cat([r.reshape(g.numel(), -1) for r in rows], dim=1).detach().cpu().double().numpy()
+
+
+def small_curvature_problem(ds: Dataset, device: torch.device, n: int = 256) -> tuple[nn.Module, Batch]:
+    """The small net whose dense Hessian is the trace benchmark's reference: sharp's MLP (width
+    0.1: 526 parameters) on the first n digit images, float64, eval-mode BN at its initial
+    statistics (an HVP costs ~5 ms on one CPU thread: a convnet in float64 costs 20 times more)."""
+    torch.manual_seed(0)
+    model = build_model("mlp", ds.in_channels, ds.num_classes, ds.image_size, width=0.1).double().to(device)
+    loader = DeviceLoader(
+        ds.test_images[:n], ds.test_labels[:n], ds.mean, ds.std, device=device, dtype=torch.float64
+    )
+    return model.eval(), next(iter(loader.batches(n)))
+
+
+TRACE_LADDER = (6, 12, 24, 48, 96, 192, 384)  # HVPs per estimate; multiples of 3 for Hutch++
+
+
+def _sharp_trace(estimator: str) -> Any:
+    def run(model: nn.Module, batch: Batch, budget: int, seed: int) -> tuple[float, int]:
+        sketch = budget // 3 if estimator == "hutch++" else 0
+        result = hessian_trace(
+            model,
+            [batch],
+            tol=1e-12,
+            maxiter=budget,
+            min_samples=budget - 2 * sketch,
+            seed=seed,
+            estimator=estimator,
+        )
+        return result.trace, result.evaluations["hvp"]
+
+    return run
+
+
+def _curvlinops_trace(estimator: str) -> Any:
+    def run(model: nn.Module, batch: Batch, budget: int, seed: int) -> tuple[float, int]:
+        from curvlinops import hutchinson_trace, hutchpp_trace
+
+        torch.manual_seed(seed)  # curvlinops draws its vectors from the global generator
+        op = curvlinops_hessian(model, batch)
+        op._matmat_batch, count = _counted_columns(op._matmat_batch)
+        value = (hutchpp_trace if estimator == "hutch++" else hutchinson_trace)(op, budget)
+        return float(value), count[0]
+
+    return run
+
+
+def _counted_columns(fn: Any) -> tuple[Any, list[int]]:
+    """curvlinops' per-batch matrix product wrapped to count the vectors it multiplies (its HVPs
+    run vmapped over the columns of a matrix)."""
+    count = [0]
+
+    def wrapped(x: Any, y: Any, matrix: list[torch.Tensor]) -> Any:
+        count[0] += matrix[0].shape[-1]
+        return fn(x, y, matrix)
+
+    return wrapped, count
+
+
+TRACE_ESTIMATORS = {
+    "sharp_hutchinson": (None, _sharp_trace("hutchinson")),
+    "sharp_hutchpp": (None, _sharp_trace("hutch++")),
+    "curvlinops_hutchinson": ("curvlinops", _curvlinops_trace("hutchinson")),
+    "curvlinops_hutchpp": ("curvlinops", _curvlinops_trace("hutch++")),
+}
+
+
+def bench_trace_peers(
+    model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    target: float = 2e-2,
+    seeds: int = 8,
+    ladder: tuple[int, ...] = TRACE_LADDER,
+) -> dict[str, Any]:
+    """HVPs each trace estimator needs for a standard error of `target` x |tr(H)|, measured: at
+    each budget of the ladder, `seeds` seeded estimates against the dense Hessian's trace, and the
+    first budget whose root-mean-square error is within the target is each one's answer (with
+    the median wall time of one estimate there). sharp's adaptive Hutch++ (`hessian_trace(tol=
+    target, estimator="hutch++")`, stopped on its own standard error) is reported beside it:
+    its mean HVPs, and its RMS error against its mean reported standard error."""
+    exact = float(np.trace(dense_hessian(model, batch)))
+    goal = target * abs(exact)
+    out: dict[str, Any] = {
+        "dense_trace": exact,
+        "target_rel_stderr": target,
+        "settings": {
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_examples": len(batch[1]),
+            "seeds": seeds,
+            "ladder": list(ladder),
+            "bn_mode": "eval",
+            "dtype": "float64",
+        },
+    }
+    for name, (module, run) in TRACE_ESTIMATORS.items():
+        missing = peer_missing(module) if module else None
+        if missing is not None:
+            out[name] = {"skipped": missing}
+            continue
+        trials = []
+        for budget in ladder:
+            if budget >= sum(p.numel() for p in model.parameters()):
+                break  # curvlinops refuses budgets >= the dimension (the dense trace is then as cheap)
+            results = [
+                timed(functools.partial(run, model, batch, budget, seed), device) for seed in range(seeds)
+            ]
+            errors = np.array([value - exact for _, (value, _) in results])
+            rms = float(np.sqrt(np.mean(errors**2)))
+            trials.append(
+                {
+                    "budget": budget,
+                    "hvps": results[0][1][1],
+                    "rms_error": rms,
+                    "rel_rms_error": rms / abs(exact),
+                    "median_s": median([s for s, _ in results]),
+                }
+            )
+            if rms <= goal:
+                break
+        best = trials[-1]
+        reached = best["rms_error"] <= goal
+        out[name] = {
+            "hvps": best["hvps"] if reached else math.inf,
+            "reached": reached,
+            "median_s": best["median_s"] if reached else math.inf,
+            "ladder": trials,
+        }
+    most = ladder[-1]
+    residual = most - 2 * (most // 3)
+    adaptive = [
+        hessian_trace(
+            model,
+            [batch],
+            tol=target,
+            maxiter=most,
+            min_samples=min(10, residual),
+            seed=seed,
+            estimator="hutch++",
+        )
+        for seed in range(seeds)
+    ]
+    errors = np.array([r.trace - exact for r in adaptive])
+    out["sharp_hutchpp_adaptive"] = {
+        "mean_hvps": float(np.mean([r.evaluations["hvp"] for r in adaptive])),
+        "converged": sum(r.converged for r in adaptive),
+        "rel_rms_error": float(np.sqrt(np.mean(errors**2))) / abs(exact),
+        "mean_reported_rel_stderr": float(np.mean([r.stderr for r in adaptive])) / abs(exact),
+    }
+    return out
+
+
+# --- peak memory of HVPs: the graph of the whole probe set kept, or chunk by chunk -------------
+
+
+def bench_probe_memory(
+    device: torch.device, n_examples: int = 1024, batch: int = 256, model: str = "resnet8", hvps: int = 2
+) -> dict[str, Any]:
+    """Peak memory of `HessianOperator(keep_graph=True|False)` and `hvps` HVPs on a probe set
+    of n_examples synthetic CIFAR-shaped images in batches of `batch` (an untrained ResNet-8 in
+    eval mode: memory does not depend on the weights), each measured in a fresh process
+    (`python -m bench.probe_memory`): on CPU the growth of the peak resident set
+    (ru_maxrss) over its value once model and data are in memory, on CUDA
+    torch.cuda.max_memory_allocated over the allocation before the operator is built."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out: dict[str, Any] = {
+        "settings": {"model": model, "n_examples": n_examples, "batch": batch, "hvps": hvps}
+    }
+    for keep in (True, False):
+        command = [
+            sys.executable,
+            "-m",
+            "bench.probe_memory",
+            "--device",
+            str(device),
+            "--model",
+            model,
+            "--examples",
+            str(n_examples),
+            "--batch",
+            str(batch),
+            "--hvps",
+            str(hvps),
+        ]
+        command += ["--keep-graph"] if keep else []
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench.probe_memory failed: {done.stderr.strip().splitlines()[-1:]}")
+        out["kept" if keep else "chunked"] = json.loads(done.stdout.strip().splitlines()[-1])
+    out["kept_over_chunked"] = out["kept"]["peak_mib"] / max(out["chunked"]["peak_mib"], 1e-9)
+    return out

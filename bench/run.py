@@ -16,14 +16,17 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 
 from bench import benchmarks as B
 from bench.timing import load_average, machine
-from sharp.data import load_synthetic
+from sharp.data import load_digits, load_synthetic
 from sharp.errors import SharpError
 from sharp.models import build_model
 from sharp.runtime import select_device
+
+GHOST_SIZES = (4, 8, 16)  # ghost BN group sizes of bench_ghost_bn
 
 # key -> (comparison, threshold): the targets set for the project's 2-core CPU
 TARGETS: dict[str, tuple[str, float]] = {
@@ -36,18 +39,20 @@ TARGETS: dict[str, tuple[str, float]] = {
     "tracking_fraction.warm.fc-tanh": ("<=", 0.15),
     "ensemble_speedup.B2": (">=", 2.0),
     "ensemble_speedup.B8": (">=", 1.3),
+    **{f"ghost_bn_auto_over_fastest.g{g}": ("<=", 1.0) for g in GHOST_SIZES},
+    **{
+        f"hessian_top5_{kind}_vs_{peer}{net}": (">", 1.0)
+        for kind in ("speedup", "hvp_ratio")
+        for peer in B.TOP_PEERS
+        for net in ("", ".mlp")
+    },
+    "trace_hvps_sharp_over_hutchpp": ("<=", 1.0),
 }
 BENCHMARKS = (
-    "train",
-    "accumulation",
-    "hvp",
-    "hessian",
-    "sharpness",
-    "eval",
-    "ghost_bn",
-    "tracking",
-    "ensemble",
-)
+    "train", "throughput", "accumulation", "hvp", "hessian", "peers", "trace", "memory", "sharpness", "eval",
+    "ghost_bn", "tracking", "ensemble",
+)  # fmt: skip
+THROUGHPUT_BATCHES = (8, 128, 1024)  # training images/s at these batch sizes (bench_throughput)
 
 
 @dataclass
@@ -69,6 +74,12 @@ class Scale:
     tracking_reps: int = 3
     ensemble_steps: dict[int, int] = field(default_factory=lambda: {2: 16, 8: 8, 32: 4})  # per member and rep
     ensemble_reps: int = 5
+    throughput_images: int = 4096  # images per repetition of bench_throughput, at every batch size
+    throughput_reps: int = 3
+    peers_reps: int = 3
+    trace_seeds: int = 16  # seeded estimates per budget of bench_trace_peers
+    memory_examples: int = 2048  # probe set of bench_probe_memory, in batches of memory_batch
+    memory_batch: int = 256
 
 
 QUICK = Scale(
@@ -86,13 +97,18 @@ QUICK = Scale(
     tracking_reps=1,
     ensemble_steps={2: 8, 8: 4, 32: 2},
     ensemble_reps=3,
+    throughput_images=1024,
+    throughput_reps=1,
+    peers_reps=1,
+    trace_seeds=6,
+    memory_examples=512,
+    memory_batch=128,
 )
 FULL = Scale("full", train_steps={"resnet8": 10, "resnet32": 4})
 
 N_TRAIN = 8192  # synthetic CIFAR-shaped images (test split: 2048)
 PROBE_HVP = (512, 256)  # probe set of hvp_over_grad and sharpness: 512 images in 2 batches of 256
 PROBE_HESSIAN = 256  # one batch, as pyhessian takes
-GHOST_SIZES = (4, 8, 16)  # ghost BN group sizes of bench_ghost_bn
 TRACK_EVERY = 50  # --track-sharpness K of bench_tracking
 # bench_tracking's two settings: ResNet-8 (BN, tracked in train mode) at the training benchmark's
 # B = 256 as 2 x 128 with the default 1,000-image tracking set; Cohen et al.'s fc-tanh with the
@@ -130,13 +146,21 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
             keys[f"train_speedup_vs_naive.{model}.bf16_compiled"] = r["fastest_speedup"]
             keys[f"train_images_per_s.sharp_bf16_compiled.{model}"] = r["fastest_images_per_s"]
             details[f"train.{model}"] = r
+    if "throughput" in only:
+        _log("training throughput at B = " + "/".join(map(str, THROUGHPUT_BATCHES)), started)
+        r = B.bench_throughput(
+            ds, device, batches=THROUGHPUT_BATCHES, images=scale.throughput_images, reps=scale.throughput_reps
+        )
+        for b in THROUGHPUT_BATCHES:
+            keys[f"train_images_per_s.b{b}"] = r[f"b{b}"]["images_per_s"]
+        details["throughput"] = r
     if "accumulation" in only:
         _log("accumulation", started)
         r = B.bench_accumulation(ds, device, steps=scale.accumulation_steps, reps=scale.accumulation_reps)
         keys["accumulation_overhead"] = r["value"]
         details["accumulation"] = r
     model = None
-    if any(name in only for name in ("hvp", "hessian", "sharpness", "eval")):
+    if any(name in only for name in ("hvp", "hessian", "peers", "sharpness", "eval")):
         _log("training the probed ResNet-8", started)
         model, trained = B.train_probe_model(ds, device, epochs=scale.probe_epochs)
         details["probed_model"] = {
@@ -167,6 +191,52 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         keys["hessian_top5_hvps.sharp"] = r["sharp"]["hvps"]
         keys["hessian_top5_hvps.pyhessian"] = r["pyhessian"]["hvps"]
         details["hessian_top5"] = r
+    if "peers" in only:
+        _log("hessian top-5 vs hessian-eigenthings and curvlinops (ResNet-8, eigsh reference)", started)
+        batch = B.probe_batches(ds, device, PROBE_HESSIAN, PROBE_HESSIAN)[0]
+        if "hessian_top5" in details:
+            reference = details["hessian_top5"]["reference_eigsh"]
+        else:
+            reference = B.reference_eigenvalues(model, batch)[0]
+        peers = {
+            "": B.bench_hessian_peers(model, batch, device, reference, "eigsh tol 1e-8", scale.peers_reps)
+        }
+        _log("hessian top-5 vs the peers (small MLP, dense reference)", started)
+        small, small_batch = B.small_curvature_problem(load_digits(), device)
+        dense = sorted(np.linalg.eigvalsh(B.dense_hessian(small, small_batch)).tolist(), reverse=True)[:5]
+        peers[".mlp"] = B.bench_hessian_peers(
+            small, small_batch, device, dense, "dense eigvalsh", scale.peers_reps
+        )
+        for net, r in peers.items():
+            for peer in B.TOP_PEERS:
+                if "skipped" not in r[peer]:
+                    keys[f"hessian_top5_speedup_vs_{peer}{net}"] = r[peer]["speedup"]
+                    keys[f"hessian_top5_hvp_ratio_vs_{peer}{net}"] = r[peer]["hvp_ratio"]
+                    keys[f"hessian_top5_hvps.{peer}{net}"] = r[peer]["hvps"]
+            keys[f"hessian_top5_hvps.sharp{net}"] = r["sharp"]["hvps"]
+            details[f"hessian_peers{net}"] = r
+    if "trace" in only:
+        _log("trace vs curvlinops' Hutchinson and Hutch++ (small MLP, dense reference)", started)
+        small, small_batch = B.small_curvature_problem(load_digits(), device)
+        r = B.bench_trace_peers(small, small_batch, device, seeds=scale.trace_seeds)
+        for name in B.TRACE_ESTIMATORS:
+            if "skipped" not in r[name]:
+                keys[f"trace_hvps.{name}"] = r[name]["hvps"]
+        if "skipped" not in r["curvlinops_hutchpp"]:
+            keys["trace_hvps_sharp_over_hutchpp"] = (
+                r["sharp_hutchpp"]["hvps"] / r["curvlinops_hutchpp"]["hvps"]
+            )
+        keys["trace_hvps_hutchinson_over_hutchpp.sharp"] = (
+            r["sharp_hutchinson"]["hvps"] / r["sharp_hutchpp"]["hvps"]
+        )
+        details["trace"] = r
+    if "memory" in only:
+        _log("peak memory of HVPs, graph kept and chunked", started)
+        r = B.bench_probe_memory(device, scale.memory_examples, scale.memory_batch)
+        keys["probe_memory_mib.kept"] = r["kept"]["peak_mib"]
+        keys["probe_memory_mib.chunked"] = r["chunked"]["peak_mib"]
+        keys["probe_memory_kept_over_chunked"] = r["kept_over_chunked"]
+        details["probe_memory"] = r
     if "sharpness" in only:
         _log("sharpness", started)
         batches = B.probe_batches(ds, device, *PROBE_HVP)
@@ -184,8 +254,9 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         _log("ghost_bn", started)
         r = B.bench_ghost_bn(device, GHOST_SIZES, reps=scale.ghost_bn_reps)
         for g in GHOST_SIZES:
+            keys[f"ghost_bn_auto_over_fastest.g{g}"] = r[f"g{g}"]["auto_over_fastest"]
+            keys[f"ghost_bn_batched_speedup_vs_loop.g{g}"] = r[f"g{g}"]["batched_speedup_vs_loop"]
             keys[f"ghost_bn_speedup_vs_previous.g{g}"] = r[f"g{g}"]["speedup_vs_previous"]
-            keys[f"ghost_bn_speedup_vs_loop.g{g}"] = r[f"g{g}"]["speedup_vs_loop"]
         details["ghost_bn"] = r
     if "tracking" in only:
         for model, options in TRACKING.items():
@@ -218,7 +289,8 @@ def verdict(key: str, value: float) -> tuple[str, str]:
     if key not in TARGETS:
         return "", ""
     op, threshold = TARGETS[key]
-    ok = math.isfinite(value) and (value >= threshold if op == ">=" else value <= threshold)
+    compare = {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold}[op]
+    ok = math.isfinite(value) and compare
     return f"{op} {threshold:g}", "pass" if ok else "miss"
 
 
@@ -288,6 +360,55 @@ def _notes(details: dict[str, Any]) -> list[str]:
             f"max rel. error {py['ladder'][0]['max_rel_error']:.1e}"
             + ("" if h["accurate"] else "; NOT both within the accuracy asked")
         )
+    for net in ("", ".mlp"):
+        if f"hessian_peers{net}" not in details:
+            continue
+        h = details[f"hessian_peers{net}"]
+        parts = [
+            f"sharp Lanczos tol {h['sharp']['tol']:g}: {h['sharp']['hvps']} HVPs, "
+            f"{h['sharp']['median_s']:.2f} s"
+        ]
+        for peer in B.TOP_PEERS:
+            r = h[peer]
+            if "skipped" in r:
+                parts.append(f"{peer} skipped: {r['skipped']}")
+                continue
+            setting = next(k for k in r if k in ("max_iter", "eigsh_tol"))
+            parts.append(
+                f"{peer} {setting} {r[setting]:g}: {r['hvps']} HVPs, {r['median_s']:.2f} s, max rel. error "
+                f"{r['max_rel_error']:.1e}" + ("" if r["accurate"] else " (NOT within the accuracy asked)")
+            )
+        out.append(f"- hessian top-5 vs peers{net} (reference: {h['reference_name']}): " + "; ".join(parts))
+    if "trace" in details:
+        t = details["trace"]
+        parts = [
+            f"{name} {r['hvps']} HVPs, {r['median_s'] * 1e3:.0f} ms"
+            if "skipped" not in r
+            else f"{name} skipped"
+            for name, r in t.items()
+            if name in B.TRACE_ESTIMATORS
+        ]
+        a = t["sharp_hutchpp_adaptive"]
+        out.append(
+            f"- trace to a standard error of {t['target_rel_stderr']:g} x |tr H| "
+            f"(dense: {t['dense_trace']:.4g}, "
+            f"{t['settings']['n_params']} parameters, {t['settings']['seeds']} seeds per budget): "
+            + "; ".join(parts)
+            + f"; sharp's adaptive Hutch++: {a['mean_hvps']:.0f} HVPs on average, RMS error "
+            f"{a['rel_rms_error']:.2g} against a reported {a['mean_reported_rel_stderr']:.2g}"
+        )
+    if "probe_memory" in details:
+        m = details["probe_memory"]
+        out.append(
+            f"- probe memory ({m['kept']['measure']}, {m['settings']['n_examples']} images in batches of "
+            f"{m['settings']['batch']}, {m['settings']['model']}): "
+            f"graph kept {m['kept']['peak_mib']:.0f} MiB, "
+            f"chunked {m['chunked']['peak_mib']:.0f} MiB"
+        )
+    if "throughput" in details:
+        r = details["throughput"]
+        rates = [f"B = {k[1:]}: {v['images_per_s']:.0f} img/s" for k, v in r.items() if k.startswith("b")]
+        out.append("- training throughput (fp32, one micro-batch per step): " + ", ".join(rates))
     if "sharpness" in details:
         s = details["sharpness"]
         out.append(
@@ -309,8 +430,9 @@ def _notes(details: dict[str, Any]) -> list[str]:
             return f"{s[f'g{g}'][name]['median_s'] * 1e3:.2f} ms"
 
         per_size = [
-            f"g = {g}: sharp {ms(g, 'sharp')}, previous {ms(g, 'previous')}, group loop {ms(g, 'loop')}, "
-            f"max |diff| from the loop {s[f'g{g}']['max_abs_diff_vs_loop']:.1e}"
+            f"g = {g}: loop {ms(g, 'loop')}, batched {ms(g, 'batched')}, previous {ms(g, 'previous')}, "
+            f"auto takes the {s[f'g{g}']['auto_implementation']}, max |diff| from torch's batch norm "
+            f"group by group {s[f'g{g}']['max_abs_diff_vs_loop']:.1e}"
             for g in GHOST_SIZES
         ]
         out.append(

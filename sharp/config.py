@@ -48,6 +48,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp64")
 BN_MODES = ("eval", "recompute", "batch")  # probe BN statistics (sharp.probes.bn); defined here only
 HESSIAN_METHODS = ("lanczos", "power", "pyhessian")
+TRACE_ESTIMATORS = ("hutchinson", "hutch++")  # sharp.probes.hessian.stochastic_trace; defined here only
 NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
 TRACK_BN_MODES = ("train", "eval")
@@ -175,6 +176,10 @@ class TrainConfig:
     precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp64", PRECISIONS)
     channels_last: bool | None = _opt(None, "channels_last memory layout (default: on for conv nets)")
     compile: bool = _opt(False, "torch.compile the model (opt-in)")
+    cuda_graphs: bool = _opt(
+        False,
+        "compile with CUDA graphs (reduce-overhead, fixed shapes): needs CUDA, --drop-last, one micro-batch",
+    )
     tf32: bool = _opt(False, "let CUDA run fp32 matmuls and convolutions in TF32 (faster, 10-bit mantissa)")
     sync_bn: bool = _opt(False, "DDP: normalize BN over the micro-batches of all ranks together")
 
@@ -351,6 +356,29 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.compile and cfg.precision == "fp64":
         raise SharpError("--compile is not supported with --precision fp64: drop one of them")
+    if cfg.cuda_graphs:
+        _check_cuda_graphs(cfg)
+
+
+def _check_cuda_graphs(cfg: TrainConfig) -> None:
+    """--cuda-graphs replays kernels recorded for fixed shapes (torch.compile mode reduce-overhead)."""
+    if cfg.device == "cpu":
+        raise SharpError("--cuda-graphs needs a CUDA device: drop --device cpu or --cuda-graphs")
+    if not cfg.drop_last:
+        raise SharpError(
+            "--cuda-graphs needs fixed shapes: add --drop-last (a short last batch would re-record)"
+        )
+    if cfg.precision == "fp64":
+        raise SharpError(
+            "--cuda-graphs compiles the model, which --precision fp64 does not support: drop one"
+        )
+    if cfg.sam_m or any(resolved_micro_batch(cfg, b) < b for b in batch_sizes(cfg)):
+        # torch's CUDA graphs install a replay's output buffer as .grad, and the next micro-batch's
+        # replay overwrites it (pytorch/pytorch#169545): accumulated gradients would be wrong
+        raise SharpError(
+            "--cuda-graphs takes one micro-batch per step (CUDA graphs break gradient accumulation): "
+            "set --micro-batch to the batch size, and no --sam-m"
+        )
 
 
 def _check_full_batch(cfg: TrainConfig) -> None:
@@ -454,6 +482,11 @@ class ProbeConfig:
     )
     trace: bool = _opt(False, "Hessian trace (Hutchinson) with its standard error")
     trace_samples: int = _opt(100, "at most this many Rademacher vectors (HVPs) for --trace")
+    trace_estimator: str = _opt(
+        "hutchinson",
+        "estimator of --trace: hutchinson, or hutch++ (a third of the HVPs sketch the top of the spectrum)",
+        TRACE_ESTIMATORS,
+    )
     density: bool = _opt(False, "Hessian spectral density (stochastic Lanczos quadrature)")
     density_iter: int = _opt(100, "Lanczos steps (HVPs) per run of --density")
     density_runs: int = _opt(1, "random starting vectors of --density, averaged (PyHessian: 1)")
@@ -499,6 +532,15 @@ class ProbeConfig:
         if self.trace_samples < 2:
             raise SharpError(
                 f"--trace-samples {self.trace_samples}: a standard error needs at least 2 samples"
+            )
+        if self.trace_estimator == "hutch++" and self.trace_samples < 6:
+            raise SharpError(
+                f"--trace-estimator hutch++ with --trace-samples {self.trace_samples}: the sketch takes two "
+                "thirds and a standard error needs 2 more: give at least 6"
+            )
+        if self.trace and self.trace_estimator == "hutch++" and self.method == "pyhessian":
+            raise SharpError(
+                "--method pyhessian traces by PyHessian's Hutchinson: drop it or --trace-estimator hutch++"
             )
         parse_positive_list(self.eps, "--eps")
         for name in ("rho", "average_rho"):

@@ -219,13 +219,16 @@ def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
             tasks.append(ProbeTask(f"hessian-top{cfg.top_k}-{cfg.method}", hessian_top_eigenvalues, kwargs))
         if cfg.trace:
             method = "pyhessian" if cfg.method == "pyhessian" else "hutchinson"
+            residual = cfg.trace_samples - 2 * (cfg.trace_samples // 3) * (cfg.trace_estimator == "hutch++")
             kwargs = dict(
                 maxiter=cfg.trace_samples,
-                min_samples=min(10, cfg.trace_samples),
+                min_samples=min(10, residual),
                 seed=cfg.seed,
                 method=method,
+                estimator=cfg.trace_estimator,
             )
             label = "hessian-trace" + ("-pyhessian" if method == "pyhessian" else "")
+            label += "-hutchpp" if cfg.trace_estimator == "hutch++" else ""
             tasks.append(ProbeTask(label, hessian_trace, {**kwargs, **graph}))
         if cfg.density:
             kwargs = dict(n_runs=cfg.density_runs, n_iter=cfg.density_iter, seed=cfg.seed, **graph)

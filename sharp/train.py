@@ -192,6 +192,14 @@ def resolve_eval_batch(cfg: TrainConfig, model: nn.Module, device: torch.device)
     return EVAL_BATCH.get(device.type, 256)
 
 
+def compile_options(cfg: TrainConfig) -> dict[str, Any] | None:
+    """torch.compile's arguments (None: eager): dynamic shapes, so that the short last window and
+    the evaluation batch do not recompile; with --cuda-graphs, CUDA graphs over fixed shapes."""
+    if cfg.cuda_graphs:
+        return {"mode": "reduce-overhead", "dynamic": False}
+    return {"dynamic": True} if cfg.compile else None
+
+
 def initial_weights(path: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """The model weights of `--init-from`: a run directory (its final.pt) or a checkpoint file."""
     source = Path(path)
@@ -247,6 +255,8 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
     optimizer, schedule and loss of one run."""
     dist = dist or Distributed()
     device = dist.device(runtime.select_device(cfg.device))
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise SharpError(f"--cuda-graphs needs a CUDA device, and this run's device is {device.type}")
     data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     if cfg.train_subset and cfg.train_subset > len(data.train_labels):
         raise SharpError(
@@ -284,7 +294,8 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
     channels_last = cfg.channels_last if cfg.channels_last is not None else is_conv_net(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    options = compile_options(cfg)
+    forward = torch.compile(model, **options) if options is not None else model
 
     loader_args = dict(device=device, dtype=dtype, channels_last=channels_last)
     train_images, train_labels = data.train_images[train_index], data.train_labels[train_index]
@@ -875,6 +886,7 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
         if t.tracker is None
         else t.tracker.describe(micro, cfg.bn_batch, has_batch_norm(t.model), t.dtype),
         "optimizer_options": optimizer_options(cfg, t.device),
+        "torch_compile": compile_options(cfg),
         "torch_flags": asdict(flags),
     }
 

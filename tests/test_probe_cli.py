@@ -290,6 +290,22 @@ def test_trace_samples_and_density_iterations_are_options(runs):
     assert bad.exit_code == 2 and "--density-runs" in bad.output
 
 
+def test_trace_estimator_hutch_plus_plus_is_an_option(runs):
+    args = ["--probe-set", "64", "--trace", "--trace-samples", "12", "--trace-estimator", "hutch++"]
+    result = invoke("probe", runs / "lb", *args)
+    assert result.exit_code == 0, result.output
+    trace = json.loads(next((runs / "lb" / "probes").glob("final.hessian-trace-hutchpp.*")).read_text())
+    # 12 HVPs: a sketch of 4, 4 more for its exact trace, then Hutchinson on the residual
+    assert trace["settings"]["sketch"] == 4 and trace["evaluations"]["hvp"] <= 12
+    assert trace["trace"] == pytest.approx(
+        trace["settings"]["low_rank_trace"] + sum(trace["samples"]) / len(trace["samples"]), rel=1e-12
+    )
+    bad = invoke("probe", runs / "lb", "--trace", "--trace-estimator", "hutch++", "--trace-samples", "5")
+    assert bad.exit_code == 2 and "at least 6" in bad.output
+    bad = invoke("probe", runs / "lb", "--trace", "--trace-estimator", "hutch++", "--method", "pyhessian")
+    assert bad.exit_code == 2 and "drop it or --trace-estimator" in bad.output
+
+
 @pytest.fixture(scope="module")
 def bn_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bn_runs")

@@ -392,6 +392,7 @@ NOT_SET = {
     "sync_bn": "exclusive with --bn-batch; needs several processes to matter",
     "sam_m": "exclusive with --noise-scale",
     "full_batch": "exclusive with --batch-schedule",
+    "cuda_graphs": "needs a CUDA device (tests/test_cuda.py)",
 }
 
 
