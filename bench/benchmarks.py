@@ -105,6 +105,7 @@ def make_trainer(
     compile: bool = False,
     seed: int = 0,
     momentum: float = MOMENTUM,
+    sam_rho: float = 0.0,
 ) -> Training:
     """sharp's own training setup (device-resident uint8 data, batched augmentation on the
     device, channels_last, exact accumulation), as `sharp train` builds it; it writes nothing."""
@@ -124,6 +125,7 @@ def make_trainer(
         channels_last=channels_last,
         precision=precision,
         compile=compile,
+        sam_rho=sam_rho,
     )
     cfg.validate()
     return build(cfg, dataset=ds)
@@ -1529,3 +1531,48 @@ def bench_probe_memory(
         out["kept" if keep else "chunked"] = json.loads(done.stdout.strip().splitlines()[-1])
     out["kept_over_chunked"] = out["kept"]["peak_mib"] / max(out["chunked"]["peak_mib"], 1e-9)
     return out
+
+
+# --- SAM: the cost of its second pass ---------------------------------------------------------
+
+
+def bench_sam_step(
+    ds: Dataset,
+    device: torch.device,
+    model: str = "resnet8",
+    batch: int = 128,
+    micro: int = 128,
+    steps: int = 4,
+    reps: int = 5,
+    warmup: int = 1,
+    width: float = 1.0,
+) -> dict[str, Any]:
+    """Time of a SAM step (`--sam-rho 0.05`: the window's gradient, the ascent, the gradient at
+    w + ε, the base step) over a plain step of the same run, side by side; two passes should
+    cost about 2x."""
+    plain = make_trainer(ds, device, model, batch, micro, width=width)
+    sam = make_trainer(ds, device, model, batch, micro, width=width, sam_rho=0.05)
+    windows = {"plain": trainer_windows(plain, batch, micro), "sam": trainer_windows(sam, batch, micro)}
+    times = side_by_side(
+        {
+            "plain": lambda: sharp_steps(plain, windows["plain"], steps),
+            "sam": lambda: sharp_steps(sam, windows["sam"], steps),
+        },
+        device,
+        reps=reps,
+        warmup=warmup,
+    )
+    return {
+        "value": median(times["sam"]) / median(times["plain"]),
+        "settings": {
+            "model": model,
+            "width": width,
+            "batch": batch,
+            "micro_batch": micro,
+            "steps": steps,
+            "reps": reps,
+            "sam_rho": 0.05,
+        },
+        "plain": spread(times["plain"]),
+        "sam": spread(times["sam"]),
+    }

@@ -50,7 +50,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 BENCHMARKS = (
     "train", "throughput", "accumulation", "hvp", "hessian", "peers", "trace", "memory", "sharpness", "eval",
-    "ghost_bn", "tracking", "ensemble",
+    "ghost_bn", "tracking", "ensemble", "sam",
 )  # fmt: skip
 THROUGHPUT_BATCHES = (8, 128, 1024)  # training images/s at these batch sizes (bench_throughput)
 
@@ -72,6 +72,7 @@ class Scale:
     probe_epochs: int = 3
     ghost_bn_reps: int = 7
     tracking_reps: int = 3
+    sam_reps: int = 5
     ensemble_steps: dict[int, int] = field(default_factory=lambda: {2: 16, 8: 8, 32: 4})  # per member and rep
     ensemble_reps: int = 5
     throughput_images: int = 4096  # images per repetition of bench_throughput, at every batch size
@@ -95,6 +96,7 @@ QUICK = Scale(
     eval_reps=3,
     ghost_bn_reps=3,
     tracking_reps=1,
+    sam_reps=2,
     ensemble_steps={2: 8, 8: 4, 32: 2},
     ensemble_reps=3,
     throughput_images=1024,
@@ -280,6 +282,11 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         r = B.bench_ensemble_hvp(models, batches, device, reps=scale.ensemble_reps)
         keys["ensemble_hvp_speedup"] = r["speedup"]
         details["ensemble_hvp"] = r
+    if "sam" in only:
+        _log("sam", started)
+        r = B.bench_sam_step(ds, device, reps=scale.sam_reps)
+        keys["sam_step_over_plain"] = r["value"]
+        details["sam"] = r
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 

@@ -200,3 +200,11 @@ def test_gpu_report_merges_each_benchmark_and_the_cuda_tests(tmp_path):
         "tests.test_cuda::test_b"
     ]
     assert report["ensemble"].startswith("not registered") and report["ok"] is False
+
+
+def test_sam_step_benchmark_runs_at_toy_size():
+    ds = load_synthetic(64)
+    result = benchmarks.bench_sam_step(
+        ds, torch.device("cpu"), model="convnet", batch=16, micro=8, steps=1, reps=1, warmup=0, width=0.5
+    )
+    assert _positive_finite(result["value"]) and result["settings"]["sam_rho"] == 0.05
