@@ -379,6 +379,10 @@ NON_DEFAULT = {
     "tf32": True,
     "sam_rho": 0.05,
     "sam_adaptive": True,
+    "until_train_acc": 0.999,
+    "track_sharpness": 3,
+    "track_set": "64",
+    "track_bn_mode": "eval",
 }
 NOT_SET = {
     "data_root": "cifar only",
