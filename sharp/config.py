@@ -50,6 +50,7 @@ BN_MODES = ("eval", "recompute", "batch")  # probe BN statistics (sharp.probes.b
 HESSIAN_METHODS = ("lanczos", "power", "pyhessian")
 NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
+INPUT_SCALINGS = ("standardize", "unit")
 DEFAULT_MICRO_BATCH_CAP = 512
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
@@ -83,6 +84,12 @@ class TrainConfig:
     data_seed: int = _opt(0, "seed of the training subset and the evaluation subset")
     augment: bool | None = _opt(
         None, "random crop (pad 4) and flip; default on for cifar/folder, off otherwise"
+    )
+    input_scaling: str = _opt(
+        "standardize",
+        "standardize: pixels / 255 minus the training split's per-channel mean, over its std; "
+        "unit: pixels / 255 alone (Keskar et al.'s Keras code)",
+        INPUT_SCALINGS,
     )
     eval_train_size: int = _opt(2048, "size of the fixed training subset evaluated each time")
     test_subset: int | None = _opt(None, "evaluate on a seeded class-balanced subset of N test images")
