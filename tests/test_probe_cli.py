@@ -350,8 +350,13 @@ def test_probe_bn_modes_recompute_and_batch(bn_runs):
     record = json.loads(next((run / "probes").glob("final.hessian-top1-lanczos.*")).read_text())
     assert record["bn_settings"]["groups"] == 4 and record["bn_settings"]["last_group"] == 10
     assert record["provenance"]["bn_batch"] == 30
+    # without --bn-batch, batch mode takes the run's own evaluation batch (config.json's derived eval_batch)
+    result = invoke("probe", run, "--probe-set", "100", "--hessian", "--top-k", "2", "--bn-mode", "batch")
+    assert result.exit_code == 0, result.output
+    record = json.loads(next((run / "probes").glob("final.hessian-top2-lanczos.*")).read_text())
+    eval_batch = json.loads((run / "config.json").read_text())["derived"]["eval_batch"]
+    assert record["provenance"]["bn_batch"] == eval_batch
     for args, fragment in (
-        (["--bn-mode", "batch"], "give --bn-batch N"),
         (["--bn-batch", "30"], "use it with --bn-mode batch"),
         (["--bn-set", "50"], "use it with --bn-mode recompute"),
     ):
