@@ -228,3 +228,77 @@ def test_bad_warm_starts_are_refused_when_the_spec_loads(change, fragment):
     change(data)
     with pytest.raises(SharpError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         ReproSpec.from_dict(data)
+
+
+# --- the keskar specs end to end, at toy size ----------------------------------------------------------
+
+
+def _toy(name: str) -> dict:
+    """paper_repro/NAME.toml at cpu scale on digits, every group, probe kind and BN mode as they are,
+    made small: one trial, nets at an eighth of their width, 1 epoch with a checkpoint every epoch
+    (the warm starts from epochs 0 and 1), probes on 100 images (BN groups of 50) with 2 L-BFGS-B
+    iterations, 2 trace samples and Lanczos to 10%, interpolations on 100 images."""
+    from sharp.config import tomllib
+    from sharp.repro import SPEC_DIR
+
+    data = tomllib.loads((SPEC_DIR / f"{name}.toml").read_text())
+    cpu = data["scales"]["cpu"]
+    for group in cpu["groups"].values():
+        axes = group.get("axes", {})
+        if "seed,init_seed" in axes:
+            axes["seed,init_seed"] = axes["seed,init_seed"][:1]
+        for k, start in enumerate(axes.get("init_from", [])):
+            start["checkpoint"] = f"epoch-{k:04d}.pt"
+        for probe in group.get("probes", []):
+            probe.update(probe_set=100, maxiter=2, random_starts=0)
+            probe.update({k: v for k, v in (("bn_batch", 50), ("trace_samples", 2)) if k in probe})
+            if probe.get("hessian"):
+                probe["tol"] = 0.1
+    for interp in cpu.get("interpolations", []):
+        interp.update(train_set=100, test_set=100, bn_batch=50)
+    return data
+
+
+TOY = {
+    "dataset": "digits", "train_subset": None, "test_subset": 100, "eval_train_size": 100, "width": 0.125,
+    "epochs": 1, "checkpoint_every": 1, "eval_batch": 100,
+}  # fmt: skip
+
+
+def test_the_keskar_spec_runs_end_to_end_at_toy_size(tmp_path):
+    spec = ReproSpec.from_dict(_toy("keskar"), "cpu", overrides=TOY)
+    report = run_repro(spec, tmp_path / "k", echo=lambda _: None).read_text()
+    figures = tmp_path / "k" / "figures"
+    fig4 = ("keskar_fig4_batch_size-1", "keskar_fig4_batch_size-2")  # C1 and the ResNet, apart
+    for name in (*fig4, "keskar_fig5_piggyback", "interpolation-1", "interpolation-2"):
+        assert (figures / f"{name}.png").exists() and (figures / f"{name}.csv").exists(), name
+    assert "Fig. 7: interpolation #2" in report and "Fig. 3: interpolation #1" in report
+    sine = json.loads((tmp_path / "k" / "interpolations" / "sb-lb-sine" / "interp.json").read_text())
+    assert sine["path"] == "sin" and sine["bn"] == "batch" and sine["provenance"]["batch_size_a"] == 25
+    tables = _csv(figures / "keskar_tables.csv")
+    families = {r["family"].split(";")[0] for r in tables if r["source"] == "this run"}
+    assert families == {"keskar-c1 x0.125 (bn)", "resnet8 x0.125 (bn)"}  # C1 and the ResNet apart
+    ratio = [r for r in tables if r["quantity"] == "distance_ratio" and r["family"].startswith("keskar-c1")]
+    assert len(ratio) == 1 and float(ratio[0]["mean"]) > 0  # x_0 kept, SB and LB from one init seed
+    for config in (tmp_path / "k" / "runs").glob("*/config.json"):
+        record = json.loads(config.read_text())
+        assert record["settings"]["input_scaling"] == "unit" and record["derived"]["input_mean"] == [0.0]
+
+
+def test_the_keskar_ablation_spec_runs_end_to_end_at_toy_size(tmp_path):
+    spec = ReproSpec.from_dict(_toy("keskar-ablation"), "cpu", overrides=TOY)
+    run_repro(spec, tmp_path / "a", echo=lambda _: None)
+    rows = _csv(tmp_path / "a" / "figures" / "keskar_ablation.csv")
+    cells = {(r["network"], r["stopping"].split(" (")[0].split(",")[0], r["bn_mode"]) for r in rows}
+    ours = {c for c in cells if "paper" not in c[0]}
+    expected = {
+        ("keskar-c1 x0.125 (bn)", rule, "batch") for rule in ("until plateau", "until train loss ≤ 0.1")
+    }
+    expected |= {
+        ("resnet8 x0.125 (bn)", rule, mode)
+        for rule in ("until plateau", "until train loss ≤ 0.1")
+        for mode in ("eval", "recompute", "batch")
+    }
+    assert ours == expected
+    full = [r for r in rows if r["quantity"] == "sharpness_full" and "paper" not in r["network"]]
+    assert full and all(r["lb_over_sb"] != "" for r in full)  # every cell probed
