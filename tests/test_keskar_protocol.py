@@ -244,6 +244,7 @@ def _toy(name: str) -> dict:
     data = tomllib.loads((SPEC_DIR / f"{name}.toml").read_text())
     cpu = data["scales"]["cpu"]
     for group in cpu["groups"].values():
+        group.get("base", {}).pop("epochs", None)  # the toy's 1 epoch everywhere
         axes = group.get("axes", {})
         if "seed,init_seed" in axes:
             axes["seed,init_seed"] = axes["seed,init_seed"][:1]
