@@ -387,27 +387,16 @@ class _FamilyFigure:
         return text if self.count == 1 else f"{text} — {self.label}"
 
 
-def _per_family(
-    runs: Sequence[RunRecord], usable: Callable[[list[RunRecord], float], bool]
-) -> list[Any] | None:
-    """One _FamilyFigure per family whose runs have final full-space ε-sharpness probes and pass `usable`."""
+def _fig4_families(c: FigureContext) -> list[Any] | None:
+    """Fig. 4 per family (`analysis.results.families`) with final full-space ε-sharpness probes at
+    two or more batch sizes: two networks are never averaged at one batch size."""
     found = []
-    for family in families(runs):
+    for family in families(c.runs):
         eps = _sharpness_eps(family.runs, epoch_checkpoints=False)
-        if eps is not None and usable(family.runs, eps):
+        probed = [r for r in family.runs if eps and r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
+        if eps is not None and len(batch_sizes(probed)) >= 2:
             found.append((family.label, family.runs, eps))
     return [_FamilyFigure(i, len(found), *item) for i, item in enumerate(found, start=1)] or None
-
-
-def _fig4_families(c: FigureContext) -> list[Any] | None:
-    """Fig. 4 per family with final sharpness probes at two or more batch sizes (two networks are
-    never averaged at one batch size)."""
-
-    def usable(runs: list[RunRecord], eps: float) -> bool:
-        probed = [r for r in runs if r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
-        return len(batch_sizes(probed)) >= 2
-
-    return _per_family(c.runs, usable)
 
 
 def _piggyback_families(c: FigureContext) -> list[Any] | None:
