@@ -1,4 +1,5 @@
-"""Keskar et al. 2017, Fig. 3: the parametric plot f(alpha * x_l + (1 - alpha) * x_s)."""
+"""Keskar et al. 2017, Fig. 3: the parametric plot f(alpha * x_l + (1 - alpha) * x_s), and Fig. 7, the
+same along the sine path f(sin(alpha pi/2) x_l + cos(alpha pi/2) x_s) (the record's `path`)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def plot_interpolation(record: dict[str, Any], png: str | Path, csv: str | Path,
             va="bottom",
             fontsize=9,
         )
-    loss_axis.set_xlabel(r"$\alpha$ in $f(\alpha x_l + (1-\alpha) x_s)$")
+    if record.get("path") == "sin":  # Keskar et al.'s Fig. 7
+        loss_axis.set_xlabel(r"$\alpha$ in $f(\sin(\alpha\pi/2)\, x_l + \cos(\alpha\pi/2)\, x_s)$")
+    else:
+        loss_axis.set_xlabel(r"$\alpha$ in $f(\alpha x_l + (1-\alpha) x_s)$")
     loss_axis.set_ylabel("cross-entropy")
     loss_axis.set_yscale("log")
     acc_axis.set_ylabel("accuracy (%)", color=ACCURACY_COLOUR)

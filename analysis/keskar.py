@@ -1,5 +1,6 @@
 """Keskar et al. 2017, "On Large-Batch Training for Deep Learning: Generalization Gap and Sharp
-Minima": Fig. 4 (accuracy and sharpness against batch size) and Fig. 5/6 (sharpness along
+Minima": Fig. 4 (accuracy and sharpness against batch size), Fig. 5 (warm-started, "piggybacked"
+LB runs against the epoch k of the SB checkpoint they started from) and Fig. 5/6 (sharpness along
 training against the training cross-entropy). Fig. 3 is `analysis.interpolation`."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from analysis.style import (
     shade_regimes,
     write_csv,
 )
+from analysis.tables import BN_MODE_TEXT, final_bn_modes, final_sharpness
 from sharp.errors import SharpError
 
 ACCURACY_COLOUR = NEUTRAL
@@ -43,12 +45,6 @@ def _eps_text(eps: float, subspace_dim: int | None) -> str:
     return f"ε={eps:g}, {space}"
 
 
-def final_sharpness(run: RunRecord, eps: float, subspace_dim: int | None = None) -> float | None:
-    """The newest epsilon-sharpness (percent) of `run` at its final checkpoint, or None."""
-    record = run.probe("epsilon_sharpness", "final", eps=eps, subspace_dim=subspace_dim)
-    return None if record is None else finite(record.get("sharpness"))
-
-
 def keskar_batch_size(
     runs: Sequence[RunRecord],
     out_dir: str | Path,
@@ -56,10 +52,11 @@ def keskar_batch_size(
     subspace_dim: int | None = None,
     scale: str | None = None,
     title: str | None = None,
+    name: str = "keskar_fig4_batch_size",
 ) -> list[Path]:
     """Keskar et al. 2017, Fig. 4: final test accuracy (%, left axis) and epsilon-sharpness
     (right axis, log) against batch size (log x), mean ± sample std over the runs (seeds) of each
-    batch size. Diverged runs are left out. Writes keskar_fig4_batch_size.png/.csv with columns
+    batch size. Diverged runs are left out. Writes NAME.png/.csv with columns
     batch_size, n_runs, test_acc_mean, test_acc_std, sharpness_mean, sharpness_std (std empty with
     one run; settings eps and subspace_dim in the extra columns)."""
     kept = [r for r in runs if not r.diverged]
@@ -76,7 +73,7 @@ def keskar_batch_size(
             f"no run has an epsilon_sharpness probe ({_eps_text(eps, subspace_dim)}) at 'final': "
             f"run `sharp probe RUN --sharpness --eps {eps:g}` first"
         )
-    png, csv = outputs(out_dir, "keskar_fig4_batch_size")
+    png, csv = outputs(out_dir, name)
     header = ("batch_size", "n_runs", "test_acc_mean", "test_acc_std", "sharpness_mean", "sharpness_std")
     write_csv(
         csv,
@@ -226,4 +223,144 @@ def keskar_sharpness_along_training(
         fontsize=9,
     )
     axis.legend(fontsize=8, loc="best")
+    return [save_figure(fig, png), csv]
+
+
+# --- Fig. 5: warm-started ("piggybacked") LB ---------------------------------------------------------
+
+
+def warm_start_source(run: RunRecord) -> Path | None:
+    """The checkpoint a warm-started run started from (derived.init_from, else settings.init_from)."""
+    source = run.derived.get("init_from") or run.settings.get("init_from")
+    return Path(str(source)) if source else None
+
+
+def warm_start_epoch(run: RunRecord) -> int | None:
+    """k for a run started from another run's checkpoints/epoch-k.pt; None for any other start."""
+    source = warm_start_source(run)
+    return None if source is None else checkpoint_epoch(source.stem)
+
+
+def _source_run(run: RunRecord, runs: Sequence[RunRecord]) -> RunRecord | None:
+    """The run (among `runs`) whose directory holds the checkpoint `run` started from."""
+    source = warm_start_source(run)
+    if source is None:
+        return None
+    folder = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    return next((r for r in runs if r.name == folder.name), None)
+
+
+PIGGYBACK_COLUMNS = (
+    "run", "seed", "batch_size", "k", "source_run", "source_batch_size", "source_test_acc_at_k",
+    "test_acc", "bn_mode", "eps", "sharpness",
+)  # fmt: skip
+
+
+def piggyback_rows(warm: Sequence[RunRecord], runs: Sequence[RunRecord], eps: float) -> list[dict[str, Any]]:
+    """One row (PIGGYBACK_COLUMNS) per warm-started run of `warm` and BN mode of its final
+    full-space ε-sharpness probes: k (the epoch of the SB checkpoint it started from), its source
+    run, the source's test accuracy (%) at epoch k, its own final test accuracy (%) and sharpness."""
+    rows = []
+    for run in sorted(warm, key=lambda r: (warm_start_epoch(r), r.seed or 0, r.name)):
+        k = warm_start_epoch(run)
+        source = _source_run(run, runs)
+        at_k = source.record_at_epoch(float(k)) if source is not None and k is not None else None
+        source_acc = finite((at_k or {}).get("test_acc"))
+        test_acc = finite(run.evaluations[-1].get("test_acc")) if run.evaluations else None
+        for mode in final_bn_modes(warm):
+            rows.append(
+                {
+                    "run": run.name,
+                    "seed": run.seed,
+                    "batch_size": run.batch_size,
+                    "k": k,
+                    "source_run": source.name if source else None,
+                    "source_batch_size": source.batch_size if source else None,
+                    "source_test_acc_at_k": None if source_acc is None else 100 * source_acc,
+                    "test_acc": None if test_acc is None else 100 * test_acc,
+                    "bn_mode": mode,
+                    "eps": eps,
+                    "sharpness": final_sharpness(run, eps, None, mode),
+                }
+            )
+    return rows
+
+
+def _means_by_k(rows: Sequence[dict[str, Any]], column: str) -> tuple[list[int], list[float]]:
+    """The k values and the mean of `column` over the rows at each k (rows without a value left out)."""
+    by_k: dict[int, list[float]] = {}
+    for row in rows:
+        if row[column] is not None:
+            by_k.setdefault(row["k"], []).append(row[column])
+    ks = sorted(by_k)
+    return ks, [mean_std(by_k[k])[0] for k in ks]
+
+
+def _points(rows: Sequence[dict[str, Any]], column: str) -> tuple[list[int], list[float]]:
+    found = [(row["k"], row[column]) for row in rows if row[column] is not None]
+    return [k for k, _ in found], [v for _, v in found]
+
+
+def keskar_piggyback(
+    runs: Sequence[RunRecord],
+    out_dir: str | Path,
+    eps: float = 1e-3,
+    scale: str | None = None,
+    title: str | None = None,
+    name: str = "keskar_fig5_piggyback",
+) -> list[Path]:
+    """Keskar et al. 2017, Fig. 5 (warm starting): LB runs started from an SB run's epoch-k
+    checkpoint ("piggybacked"), against k. Top: test accuracy (%) of the SB run at epoch k (blue)
+    and of the LB run started there, at its end (red; points per run, line through the means over
+    seeds). Bottom: the LB runs' final full-space ε-sharpness (log), one line per probe BN mode.
+    `runs` may hold the source runs too; the warm-started ones are picked out by their init_from.
+    Writes NAME.png/.csv (PIGGYBACK_COLUMNS, one row per run and BN mode)."""
+    warm = [r for r in runs if warm_start_epoch(r) is not None and not r.diverged]
+    if not warm:
+        raise SharpError(
+            "no run was started from another run's epoch checkpoint: train LB runs with "
+            "--init-from SB_RUN/checkpoints/epoch-K.pt (a spec's init_from = {group = ..., checkpoint = ...})"
+        )
+    rows = piggyback_rows(warm, runs, eps)
+    png, csv = outputs(out_dir, name)
+    write_csv(csv, PIGGYBACK_COLUMNS, [[row[c] for c in PIGGYBACK_COLUMNS] for row in rows])
+
+    fig, (acc_axis, sharp_axis) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    lb_colour = batch_colour(max(r.batch_size for r in warm))
+    sources = sorted({row["source_batch_size"] for row in rows if row["source_batch_size"] is not None})
+    sb_colour = batch_colour(sources[0]) if sources else ACCURACY_COLOUR
+    modes = list(dict.fromkeys(row["bn_mode"] for row in rows))
+    once = [row for row in rows if row["bn_mode"] == modes[0]]  # accuracy does not depend on the probe mode
+    ks, means = _means_by_k(once, "source_test_acc_at_k")
+    if ks:
+        acc_axis.plot(ks, means, color=sb_colour, marker="o", label="SB at epoch k")
+    acc_axis.scatter(*_points(once, "test_acc"), color=lb_colour, s=14, alpha=0.6)
+    ks, means = _means_by_k(once, "test_acc")
+    acc_axis.plot(ks, means, color=lb_colour, marker="s", label="LB started from SB's epoch k, at its end")
+    acc_axis.set_ylabel("test accuracy (%)")
+    acc_axis.legend(fontsize=8, loc="best")
+    drawn: list[float] = []
+    for style, mode in zip(("-", "--", ":"), modes, strict=False):
+        mode_rows = [row for row in rows if row["bn_mode"] == mode]
+        ks, means = _means_by_k(mode_rows, "sharpness")
+        if not ks:
+            continue
+        sharp_axis.scatter(*_points(mode_rows, "sharpness"), color=lb_colour, s=14, alpha=0.6)
+        label = BN_MODE_TEXT.get(mode, mode)
+        sharp_axis.plot(ks, means, color=lb_colour, linestyle=style, marker="s", label=label)
+        drawn += means
+    if drawn:
+        log_if_positive(sharp_axis, drawn)
+        sharp_axis.legend(fontsize=8, loc="best")
+    else:
+        message = "no ε-sharpness probe at the LB runs' final checkpoints"
+        sharp_axis.text(0.5, 0.5, message, ha="center", transform=sharp_axis.transAxes, fontsize=8)
+    sharp_axis.set_ylabel(rf"sharpness $\phi_{{x,f}}(\epsilon={eps:g})$ (%), full space")
+    sharp_axis.set_xlabel("k: epochs of small-batch training before the large batch takes over")
+    batches = "/".join(str(b) for b in sorted({r.batch_size for r in warm}))
+    origin = f" from SB (B={'/'.join(str(b) for b in sources)})" if sources else ""
+    acc_axis.set_title(
+        title or f"Keskar et al. Fig. 5 — LB (B={batches}) warm-started{origin} — {describe(warm, scale)}",
+        fontsize=9,
+    )
     return [save_figure(fig, png), csv]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analysis.ablation import keskar_ablation
 from analysis.accumulation import accumulation_curves
 from analysis.correlate import (
     CorrelationResult,
@@ -34,14 +35,28 @@ from analysis.edge_of_stability import (
 from analysis.headline import FIGURE_ONLY, headlines
 from analysis.hessian import DENSITY_FLOOR, hessian_density_plot, hessian_eigenvalues_plot
 from analysis.interpolation import plot_interpolation
-from analysis.keskar import keskar_batch_size, keskar_sharpness_along_training
+from analysis.keskar import (
+    keskar_batch_size,
+    keskar_piggyback,
+    keskar_sharpness_along_training,
+    warm_start_epoch,
+)
 from analysis.masters_luschi import ml_accuracy_vs_lr, ml_best_vs_batch, ml_bn_heatmap
 from analysis.noise import noise_scale_over_training, steps_vs_examples
-from analysis.results import RunRecord, batch_sizes, checkpoint_epoch, checkpoint_of, describe
+from analysis.results import (
+    RunRecord,
+    batch_sizes,
+    checkpoint_epoch,
+    checkpoint_of,
+    dataset_label,
+    describe,
+    families,
+    stopping_rule,
+)
 from analysis.sam import sam_comparison, sam_table
 from analysis.sam import variant as sam_variant
 from analysis.style import LARGE_BATCH_MIN, finite
-from analysis.tables import DASH, format_number, keskar_tables, markdown_table
+from analysis.tables import DASH, format_number, keskar_tables, markdown_table, table_families
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes
 
@@ -156,17 +171,8 @@ def _schedule(r: RunRecord) -> str:
 
 
 def _length(r: RunRecord) -> str:
-    s, d = r.settings, r.derived
-    parts = []
-    if s.get("epochs") is not None:
-        parts.append(f"{s['epochs']} epochs")
-    if s.get("steps") is not None:
-        parts.append(f"{s['steps']} steps")
-    if d.get("total_steps") is not None:
-        parts.append(f"{d['total_steps']} steps planned")
-    if s.get("until_train_loss") is not None:
-        parts.append(f"until train loss ≤ {s['until_train_loss']:g}")
-    return ", ".join(parts) or DASH
+    planned = r.derived.get("total_steps")
+    return stopping_rule(r.settings) + (f" ({planned} steps planned)" if planned is not None else "")
 
 
 def _optimizer(r: RunRecord) -> str:
@@ -181,11 +187,10 @@ def _optimizer(r: RunRecord) -> str:
 
 
 def _dataset(r: RunRecord) -> str:
-    s = r.settings
-    n = r.n_train
+    s, n, label = r.settings, r.n_train, dataset_label(r.settings, r.derived)
     if s.get("train_subset"):
-        return f"{s.get('dataset')} (subset {s['train_subset']:,})"
-    return f"{s.get('dataset')} (full, {n:,})" if n else str(s.get("dataset"))
+        return f"{label} (subset {s['train_subset']:,})"
+    return f"{label} (full, {n:,})" if n else label
 
 
 def settings_table(runs: Sequence[RunRecord]) -> str:
@@ -320,13 +325,20 @@ def _load_interpolation(item: dict[str, Any] | str | Path) -> dict[str, Any]:
         raise SharpError(f"cannot read the interpolation record {path}: {exc}") from exc
 
 
+def _paper_figure(record: dict[str, Any]) -> str:
+    """Keskar et al.'s figure an interpolation record redraws: Fig. 7 for the sine path, else Fig. 3."""
+    return "Fig. 7" if record.get("path") == "sin" else "Fig. 3"
+
+
 def _interpolation_title(record: dict[str, Any], runs: Sequence[RunRecord], scale: str | None) -> str:
     provenance = record.get("provenance", {})
     names = {Path(str(provenance.get(k, ""))).name for k in ("run_a", "run_b")}
     involved = [r for r in runs if r.name in names] or list(runs)
     a, b = provenance.get("batch_size_a", "?"), provenance.get("batch_size_b", "?")
     bn = record.get("bn", "?")
-    return f"Keskar et al. Fig. 3 — {describe(involved, scale)}; x_s: B={a}, x_l: B={b}, BN: {bn}"
+    path = ", sine path" if record.get("path") == "sin" else ""
+    figure = _paper_figure(record)
+    return f"Keskar et al. {figure} — {describe(involved, scale)}; x_s: B={a}, x_l: B={b}, BN: {bn}{path}"
 
 
 @dataclass(frozen=True)
@@ -366,12 +378,45 @@ def _text(value: str | Callable[[Any], str], data: Any) -> str:
     return value(data) if callable(value) else value
 
 
-def _fig4_eps(c: FigureContext) -> float | None:
-    eps = _sharpness_eps(c.runs, epoch_checkpoints=False)
-    if eps is None:
-        return None
-    probed = [r for r in c.runs if r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
-    return eps if len(batch_sizes(probed)) >= 2 else None
+@dataclass(frozen=True)
+class _FamilyFigure:
+    """A Keskar figure drawn for one family of runs (`analysis.results.families`): `index` of
+    `count`, so that the files of several families get names of their own."""
+
+    index: int
+    count: int
+    label: str
+    runs: Sequence[RunRecord]
+    eps: float
+
+    def name(self, stem: str) -> str:
+        return stem if self.count == 1 else f"{stem}-{self.index}"
+
+    def heading(self, text: str) -> str:
+        return text if self.count == 1 else f"{text} — {self.label}"
+
+
+def _fig4_families(c: FigureContext) -> list[Any] | None:
+    """Fig. 4 per family (`analysis.results.families`) with final full-space ε-sharpness probes at
+    two or more batch sizes: two networks are never averaged at one batch size."""
+    found = []
+    for family in families(c.runs):
+        eps = _sharpness_eps(family.runs, epoch_checkpoints=False)
+        probed = [r for r in family.runs if eps and r.probe("epsilon_sharpness", eps=eps, subspace_dim=None)]
+        if eps is not None and len(batch_sizes(probed)) >= 2:
+            found.append((family.label, family.runs, eps))
+    return [_FamilyFigure(i, len(found), *item) for i, item in enumerate(found, start=1)] or None
+
+
+def _piggyback_families(c: FigureContext) -> list[Any] | None:
+    """Fig. 5 (warm start) per family of warm-started runs that started at two or more epochs k."""
+    warm = [r for r in c.runs if warm_start_epoch(r) is not None]
+    found = [
+        (family.label, family.runs, _sharpness_eps(family.runs, epoch_checkpoints=False) or PREFERRED_EPS)
+        for family in families(warm)
+        if len({warm_start_epoch(r) for r in family.runs}) >= 2
+    ]
+    return [_FamilyFigure(i, len(found), *item) for i, item in enumerate(found, start=1)] or None
 
 
 def _goals(c: FigureContext) -> tuple[list[float], bool] | None:
@@ -389,6 +434,12 @@ def _any(condition: bool) -> bool | None:
 def _decoupled_bn(c: FigureContext) -> bool | None:
     sizes = batch_sizes(c.runs)
     return _any(any(len({r.bn_batch for r in c.runs if r.batch_size == b and r.bn_batch}) > 1 for b in sizes))
+
+
+def _path_formula(record: dict[str, Any]) -> str:
+    if record.get("path") == "sin":
+        return "f(sin(απ/2) x_l + cos(απ/2) x_s)"
+    return "f(α x_l + (1 − α) x_s)"
 
 
 @dataclass
@@ -460,16 +511,45 @@ _ML_LR_MISSING = "Masters & Luschi accuracy vs η̃: needs runs at two or more b
 FIGURE_TABLE: tuple[FigureSpec, ...] = (
     FigureSpec(
         "keskar_fig4",
-        _fig4_eps,
-        lambda c, eps: keskar_batch_size(c.runs, c.figures_dir, eps=eps, scale=c.scale),
-        "Keskar et al. 2017, Fig. 4: accuracy and sharpness against batch size",
-        lambda eps: (
-            f"Final test accuracy (left axis, circles) and full-space ε-sharpness with ε = {eps:g} "
+        _fig4_families,
+        lambda c, f: keskar_batch_size(
+            f.runs, c.figures_dir, eps=f.eps, scale=c.scale, name=f.name("keskar_fig4_batch_size")
+        ),
+        lambda f: f.heading("Keskar et al. 2017, Fig. 4: accuracy and sharpness against batch size"),
+        lambda f: (
+            f"Final test accuracy (left axis, circles) and full-space ε-sharpness with ε = {f.eps:g} "
             "(right axis, squares) against batch size, mean ± std over seeds. Keskar et al. see "
             f"accuracy fall and sharpness rise past B ≈ {LARGE_BATCH_MIN}."
         ),
-        "Test accuracy and epsilon-sharpness against batch size",
+        lambda f: f"Test accuracy and epsilon-sharpness against batch size ({describe(f.runs)})",
         "Keskar Fig. 4: needs final ε-sharpness probes at two or more batch sizes",
+        per_item=True,
+        label=lambda f: f.heading("Keskar Fig. 4"),
+    ),
+    FigureSpec(
+        "keskar_piggyback",
+        _piggyback_families,
+        lambda c, f: keskar_piggyback(
+            f.runs + [r for r in c.runs if r not in f.runs],
+            c.figures_dir,
+            eps=f.eps,
+            scale=c.scale,
+            name=f.name("keskar_fig5_piggyback"),
+        ),
+        lambda f: f.heading("Keskar et al. 2017, Fig. 5: warm-started (piggybacked) large batch"),
+        lambda f: (
+            "Large-batch runs started from a small-batch run's checkpoint after k epochs (fresh optimizer), "
+            "against k. Top: test accuracy of the small-batch run at epoch k (blue) and of the large-batch "
+            "run started there, at its end (red; points per run, lines through the means over seeds). "
+            f"Bottom: the large-batch solutions' full-space ε-sharpness (ε = {f.eps:g}), one line per probe "
+            "BN mode. In the paper, LB started late enough reaches SB's accuracy and a flat solution."
+        ),
+        lambda f: (
+            f"Test accuracy and sharpness of warm-started large-batch runs against k ({describe(f.runs)})"
+        ),
+        "Keskar Fig. 5 (warm start): needs runs started from epoch-k checkpoints at two or more k",
+        per_item=True,
+        label=lambda f: f.heading("Keskar Fig. 5 (warm start)"),
     ),
     FigureSpec(
         "keskar_fig5",
@@ -488,15 +568,15 @@ FIGURE_TABLE: tuple[FigureSpec, ...] = (
         "interpolation",
         lambda c: [_Interpolation(i, x, c.runs, c.scale) for i, x in enumerate(c.interpolations, start=1)],
         _draw_interpolation,
-        lambda interp: f"Keskar et al. 2017, Fig. 3: interpolation #{interp.index}",
+        lambda interp: f"Keskar et al. 2017, {_paper_figure(interp.record)}: interpolation #{interp.index}",
         lambda interp: (
-            "Cross-entropy (left, log) and accuracy (right) along f(α x_l + (1 − α) x_s): train "
+            f"Cross-entropy (left, log) and accuracy (right) along {_path_formula(interp.record)}: train "
             "solid, test dashed; α = 0 is the small-batch solution x_s, α = 1 the large-batch x_l. "
             f"{interp.title}."
         ),
         lambda interp: f"Loss and accuracy from the small-batch to the large-batch solution ({interp.title})",
         per_item=True,
-        label=lambda interp: f"Keskar Fig. 3 #{interp.index}",
+        label=lambda interp: f"Keskar interpolation #{interp.index}",
     ),
     FigureSpec(
         "hessian_eigenvalues",
@@ -703,16 +783,31 @@ def build_report(
     sizes = batch_sizes([r for r in runs if not r.diverged])
     if len(sizes) >= 2 and any(r.probes_of("epsilon_sharpness") for r in runs):
         small, large = sb_batch or sizes[0], lb_batch or sizes[-1]
-        lines += [
-            "",
-            "## Keskar et al. 2017, Tables 2–4",
-            "",
-            f"Small batch (SB) = B {small}, large batch (LB) = B {large}.",
-            "",
-            keskar_tables(runs, figures_dir, small, large, scale=scale),
-            "",
-            "Data: [keskar_tables.csv](figures/keskar_tables.csv).",
-        ]
+        lines += ["", "## Keskar et al. 2017, Tables 2–4", ""]
+        if table_families(runs, small, large):
+            lines += [
+                f"Small batch (SB) = B {small}, large batch (LB) = B {large}.",
+                "",
+                keskar_tables(runs, figures_dir, small, large, scale=scale),
+                "",
+                "Data: [keskar_tables.csv](figures/keskar_tables.csv).",
+                "",
+                "## Keskar et al. 2017: what sets the size of the effect (LB ÷ SB)",
+                "",
+                keskar_ablation(runs, figures_dir, small, large),
+                "",
+                "mean(LB) ÷ mean(SB) of each measure at the final checkpoint, per family of runs (network, "
+                "stopping rule, and any other setting in which the families differ) and per BN mode of the "
+                "probes; the paper's own ratios (its Tables 2–4) first. Subspace: p = 100 where probed. The "
+                "test-accuracy gap is mean SB − mean LB test accuracy in points, from training's own "
+                "evaluation (the same in every BN-mode row). Data: "
+                "[keskar_ablation.csv](figures/keskar_ablation.csv).",
+            ]
+        else:
+            lines.append(
+                f"Not tabulated: no family of runs (the same settings but batch size, micro-batch, BN batch "
+                f"and seeds) has finished runs at both B {small} and B {large}."
+            )
 
     context = FigureContext(runs, figures_dir, scale, list(interpolations), goal_losses)
     drawn, skipped = _figures(context, only)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -196,17 +197,41 @@ def batch_sizes(runs: Sequence[RunRecord]) -> list[int]:
     return sorted({r.batch_size for r in runs})
 
 
+def dataset_label(settings: dict[str, Any], derived: dict[str, Any]) -> str:
+    """The dataset as a reader knows it ("CIFAR-10"): derived.dataset_label, recorded at training
+    time; for a run trained before that was recorded, the dataset's name, a folder's by its last
+    path component (a title never shows a local path)."""
+    label = derived.get("dataset_label")
+    if label:
+        return str(label)
+    name = str(settings.get("dataset", "?"))
+    kind, _, path = name.partition(":")
+    return (Path(path.rstrip("/\\")).name or path) if kind == "folder" else name
+
+
+def dataset_text(settings: dict[str, Any], derived: dict[str, Any]) -> str:
+    """One run's data for a title: "CIFAR-10, 5,000-image subset" or "CIFAR-10 (full train set, 50,000)"."""
+    label, subset, n_train = (
+        dataset_label(settings, derived),
+        settings.get("train_subset"),
+        derived.get("n_train"),
+    )
+    if subset:
+        return f"{label}, {int(subset):,}-image subset"
+    return f"{label} (full train set, {int(n_train):,})" if n_train else label
+
+
 def _dataset_text(runs: Sequence[RunRecord]) -> str:
     parts = []
-    for name in dict.fromkeys(str(r.settings.get("dataset", "?")) for r in runs):
-        group = [r for r in runs if str(r.settings.get("dataset", "?")) == name]
+    labels = {r.path: dataset_label(r.settings, r.derived) for r in runs}
+    for name in dict.fromkeys(labels.values()):
+        group = [r for r in runs if labels[r.path] == name]
         subset = sorted({r.settings.get("train_subset") for r in group if r.settings.get("train_subset")})
         n_train = sorted({r.n_train for r in group if r.n_train})
-        sizes = "/".join(f"{n:,}" for n in (subset or n_train))
         if subset:
-            parts.append(f"{name} (train subset {sizes})")
-        elif sizes:
-            parts.append(f"{name} (full train set, {sizes})")
+            parts.append(f"{name}, {'/'.join(f'{n:,}' for n in subset)}-image subset")
+        elif n_train:
+            parts.append(f"{name} (full train set, {'/'.join(f'{n:,}' for n in n_train)})")
         else:
             parts.append(name)
     return ", ".join(parts)
@@ -256,3 +281,96 @@ def run_labels(runs: Sequence[RunRecord]) -> dict[Path, str]:
             text += f" ({r.name})"
         labels[r.path] = text
     return labels
+
+
+# --- families: runs that differ only in their batch and their trial ------------------------------
+
+# Settings free to differ within a family: the batch (SB against LB: batch size, micro-batch, BN
+# batch), the trial (seed, init_seed) and where or how a run was computed, not what (device, data
+# root, kernels, layout, logging, checkpoints kept). Every other setting is the family's, and
+# whether a run was warm-started (init_from) is too, though not from where.
+FAMILY_FREE = frozenset(
+    {
+        "batch_size", "full_batch", "micro_batch", "bn_batch", "seed", "init_seed", "init_from",
+        "data_root", "download", "device", "deterministic", "compile", "channels_last", "tf32",
+        "tensorboard", "checkpoint_every", "noise_scale",
+    }
+)  # fmt: skip
+STOPPING_SETTINGS = ("epochs", "steps", "until_train_loss", "until_plateau", "plateau_tol")
+NETWORK_SETTINGS = ("model", "width", "norm")
+
+
+def family_key(run: RunRecord) -> tuple[tuple[str, str], ...]:
+    """What a run's family is: its settings except FAMILY_FREE, plus whether it was warm-started."""
+    kept = {k: v for k, v in run.settings.items() if k not in FAMILY_FREE}
+    kept["warm_start"] = bool(run.settings.get("init_from"))
+    return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in kept.items()))
+
+
+def stopping_rule(settings: dict[str, Any]) -> str:
+    """How a run's length was decided: "until plateau (3 evaluations, tol 0.01), at most 40 epochs"."""
+    parts = []
+    if settings.get("until_plateau"):
+        tol = settings.get("plateau_tol", 0.01)
+        parts.append(f"until plateau ({settings['until_plateau']} evaluations, tol {tol:g})")
+    if settings.get("until_train_loss") is not None:
+        parts.append(f"until train loss ≤ {settings['until_train_loss']:g}")
+    cap = (
+        f"{settings['steps']} steps"
+        if settings.get("steps") is not None
+        else (f"{settings['epochs']} epochs" if settings.get("epochs") is not None else None)
+    )
+    if not parts:
+        return f"fixed length, {cap}" if cap else "fixed length"
+    return ", ".join(parts) + (f", at most {cap}" if cap else "")
+
+
+@dataclass
+class Family:
+    """Runs with the same settings except their batch and trial (see FAMILY_FREE), with names for
+    the table rows: `network` (model, width, norm), `stopping` (its stopping rule) and `details`
+    (the other settings in which it differs from the families it is shown with)."""
+
+    key: tuple[tuple[str, str], ...]
+    runs: list[RunRecord]
+    network: str
+    stopping: str
+    details: str
+
+    @property
+    def label(self) -> str:
+        """Network, stopping rule and details: what tells this family from the others."""
+        return "; ".join(p for p in (self.network, self.stopping, self.details) if p)
+
+    def at(self, batch: int) -> list[RunRecord]:
+        """The family's runs at batch size `batch` (diverged ones left out)."""
+        return [r for r in self.runs if r.batch_size == batch and not r.diverged]
+
+
+def families(runs: Sequence[RunRecord]) -> list[Family]:
+    """The runs grouped by `family_key`, in the order the families first appear; `details` names
+    each setting (other than network and stopping rule) that differs between the families."""
+    grouped: dict[tuple[tuple[str, str], ...], list[RunRecord]] = {}
+    for run in runs:
+        grouped.setdefault(family_key(run), []).append(run)
+    settings = {key: dict(key) for key in grouped}
+    differing = sorted(
+        {k for key in grouped for k, v in key if any(other.get(k) != v for other in settings.values())}
+    )
+    out = []
+    for key, members in grouped.items():
+        first = members[0]
+        details = []
+        for name in differing:
+            if name in NETWORK_SETTINGS or name in STOPPING_SETTINGS:
+                continue
+            if name == "warm_start":
+                details.append(
+                    "warm-started (init_from)" if first.settings.get("init_from") else "from scratch"
+                )
+            else:
+                details.append(f"{name} = {first.settings.get(name)}")
+        out.append(
+            Family(key, members, _model_text([first]), stopping_rule(first.settings), ", ".join(details))
+        )
+    return out

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.results import RunRecord, checkpoint_of, describe, mean_std
+from analysis.results import Family, RunRecord, checkpoint_of, describe, families, mean_std
 from analysis.style import finite, write_csv
 from sharp.errors import SharpError
 
@@ -127,31 +128,91 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
-def _bn_mode(record: dict[str, Any]) -> str:
+def bn_mode_of(record: dict[str, Any]) -> str:
     """A probe record's BN mode: its own field, else its provenance's, else "eval" (the only mode
     there was before BN modes were recorded)."""
     return record.get("bn_mode") or record.get("provenance", {}).get("bn_mode") or "eval"
 
 
-def _sharpness(run: RunRecord, eps: float, subspace_dim: int | None, bn_mode: str) -> float | None:
-    """The newest epsilon-sharpness (percent) of `run` at its final checkpoint in `bn_mode`, or None."""
+def final_probe(
+    run: RunRecord, kind: str, bn_mode: str | None = None, **settings: Any
+) -> dict[str, Any] | None:
+    """The newest probe record of `kind` at `run`'s final checkpoint whose settings match (and, when
+    given, measured in `bn_mode`), or None."""
     found = [
         rec
-        for rec in run.probes_of("epsilon_sharpness", eps=eps, subspace_dim=subspace_dim)
-        if checkpoint_of(rec) == "final" and _bn_mode(rec) == bn_mode
+        for rec in run.probes_of(kind, **settings)
+        if checkpoint_of(rec) == "final" and (bn_mode is None or bn_mode_of(rec) == bn_mode)
     ]
-    return finite(found[-1].get("sharpness")) if found else None
+    return found[-1] if found else None
 
 
-def _bn_modes(runs: Sequence[RunRecord]) -> list[str]:
-    """The BN modes of the runs' final epsilon-sharpness probes, in BN_MODE_ORDER ("eval" if none)."""
+def final_sharpness(
+    run: RunRecord, eps: float, subspace_dim: int | None = None, bn_mode: str | None = None
+) -> float | None:
+    """The newest epsilon-sharpness (percent) of `run` at its final checkpoint (in `bn_mode`, when
+    given), or None."""
+    record = final_probe(run, "epsilon_sharpness", bn_mode, eps=eps, subspace_dim=subspace_dim)
+    return None if record is None else finite(record.get("sharpness"))
+
+
+def final_bn_modes(runs: Sequence[RunRecord], kinds: Sequence[str] = ("epsilon_sharpness",)) -> list[str]:
+    """The BN modes of the runs' final probes of `kinds`, in BN_MODE_ORDER ("eval" if none)."""
     found = {
-        _bn_mode(rec)
+        bn_mode_of(rec)
         for r in runs
-        for rec in r.probes_of("epsilon_sharpness")
+        for kind in kinds
+        for rec in r.probes_of(kind)
         if checkpoint_of(rec) == "final"
     }
     return [m for m in BN_MODE_ORDER if m in found] or ["eval"]
+
+
+def final_accuracy(run: RunRecord, field: str = "test_acc") -> float | None:
+    """The last evaluation's `field` (test_acc or eval_train_acc) in percent, or None."""
+    value = finite(run.evaluations[-1].get(field)) if run.evaluations else None
+    return None if value is None else 100 * value
+
+
+def distance_from_init(run: RunRecord) -> float | None:
+    """‖x − x_0‖₂ of `run`'s final weights (its newest final weight_norms probe, any BN mode: no norm
+    reads the data), or None when not measured or without checkpoints/epoch-0000.pt."""
+    record = final_probe(run, "weight_norms")
+    return None if record is None else finite(record.get("distance_from_init"))
+
+
+def init_seed(run: RunRecord) -> Any:
+    """The seed of the run's initial weights: derived.init_seed, else settings.init_seed, else seed."""
+    for value in (run.derived.get("init_seed"), run.settings.get("init_seed")):
+        if value is not None:
+            return value
+    return run.seed
+
+
+def distance_ratios(sb: Sequence[RunRecord], lb: Sequence[RunRecord]) -> tuple[list[float], bool]:
+    """Keskar et al.'s ‖x_s − x_0‖ / ‖x_l − x_0‖: one ratio per initial point that SB and LB runs
+    share (init seed; the mean distance of each side's runs from it), and True; without a shared
+    initial point, the one ratio of the two sides' mean distances, and False. [] when a side has no
+    distance."""
+
+    def by_seed(runs: Sequence[RunRecord]) -> dict[Any, list[float]]:
+        out: dict[Any, list[float]] = {}
+        for r in runs:
+            if (d := distance_from_init(r)) is not None:
+                out.setdefault(init_seed(r), []).append(d)
+        return out
+
+    small, large = by_seed(sb), by_seed(lb)
+    shared = [k for k in small if k in large]
+    if shared:
+        return [
+            mean_std(small[k])[0] / mean_std(large[k])[0] for k in shared if mean_std(large[k])[0] > 0
+        ], True
+    if small and large:
+        denominator = mean_std([d for v in large.values() for d in v])[0]
+        if denominator > 0:
+            return [mean_std([d for v in small.values() for d in v])[0] / denominator], False
+    return [], False
 
 
 def _ratio(recompute: list[float], stale: list[float]) -> str:
@@ -166,27 +227,29 @@ def _paper(pair: tuple[float, float] | None) -> tuple[str, str]:
     return (DASH, DASH) if pair is None else (format_number(pair[0]), format_number(pair[1]))
 
 
-def keskar_tables(
-    runs: Sequence[RunRecord],
-    out_dir: str | Path,
-    sb_batch: int,
-    lb_batch: int,
-    scale: str | None = None,
-) -> str:
-    """Keskar et al. 2017's Table 2 (train and test accuracy %, train from the final
-    eval_train_acc), Table 3 (full-space epsilon-sharpness at eps = 1e-3 and 5e-4) and Table 4
-    (random-subspace sharpness, p from the probes) for the runs at `sb_batch` and `lb_batch`
-    (diverged runs left out), each under the paper's six networks. Returns the Markdown and
-    writes out_dir/keskar_tables.csv (table, source, network, quantity, eps, p, regime,
-    batch_size, n_runs, mean, std)."""
-    sb = [r for r in runs if r.batch_size == sb_batch and not r.diverged]
-    lb = [r for r in runs if r.batch_size == lb_batch and not r.diverged]
-    if not sb and not lb:
-        raise SharpError(
-            f"no finished run at batch size {sb_batch} or {lb_batch}: choose sb_batch/lb_batch from the runs"
-        )
+def table_families(runs: Sequence[RunRecord], sb_batch: int, lb_batch: int) -> list[Family]:
+    """The families (see `analysis.results.families`) with finished runs at both `sb_batch` and
+    `lb_batch`: Keskar's tables compare runs that differ in their batch and trial alone."""
+    return [f for f in families(runs) if f.at(sb_batch) and f.at(lb_batch)]
+
+
+@dataclass
+class _FamilyRows:
+    """One family's rows of Tables 2, 3 and 4 and of the distance table, and its CSV rows."""
+
+    table2: list[str]
+    table3: list[list[str]]
+    table4: list[list[str]]
+    distance: list[str]
+    csv: list[list[Any]]
+    several_modes: bool
+
+
+def _family_rows(family: Family, sb_batch: int, lb_batch: int, scale: str | None, named: bool) -> _FamilyRows:
+    """The rows of one family; `named`: the row labels name the family (several are shown)."""
+    sb, lb = family.at(sb_batch), family.at(lb_batch)
     ours = f"{describe(sb + lb, scale)} (SB: B={sb_batch}, LB: B={lb_batch})"
-    networks = KESKAR_2017["networks"]
+    source = f"**{THIS_RUN}**" + (f" ({family.label})" if named else "")
     csv_rows: list[list[Any]] = []
 
     def record(
@@ -213,65 +276,43 @@ def keskar_tables(
                     None if math.isnan(mean) else mean,
                     None if math.isnan(std) else std,
                     bn_mode,
+                    family.label,
                 ]
             )
-
-    def paper_csv(
-        table: str, quantity: str, eps: float | None, p: int | None, pairs: dict[str, tuple]
-    ) -> None:
-        for key, pair in pairs.items():
-            for name, value in zip(("SB", "LB"), pair, strict=True):
-                csv_rows.append(
-                    [table, PAPER, networks[key], quantity, eps, p, name, None, 5, value, None, None]
-                )
 
     # Table 2: accuracy
     accuracy = {
         quantity: {
-            name: [
-                100 * r.evaluations[-1][field]
-                for r in group
-                if r.evaluations and r.evaluations[-1].get(field) is not None
-            ]
+            name: [a for r in group if (a := final_accuracy(r, field)) is not None]
             for name, group in (("SB", sb), ("LB", lb))
         }
         for quantity, field in (("train_acc", "eval_train_acc"), ("test_acc", "test_acc"))
     }
-    rows2 = [
-        [
-            PAPER,
-            networks[key],
-            *_paper(KESKAR_2017["train_acc"].get(key)),
-            *_paper(KESKAR_2017["test_acc"].get(key)),
-        ]
-        for key in networks
+    table2 = [
+        source,
+        ours,
+        *(format_mean_std(accuracy[q][n]) for q in ("train_acc", "test_acc") for n in ("SB", "LB")),
     ]
-    rows2.append(
-        [
-            f"**{THIS_RUN}**",
-            ours,
-            *(format_mean_std(accuracy[q][n]) for q in ("train_acc", "test_acc") for n in ("SB", "LB")),
-        ]
-    )
     for quantity in ("train_acc", "test_acc"):
-        paper_csv("2", quantity, None, None, KESKAR_2017[quantity])
         record("2", quantity, None, None, accuracy[quantity])
-    table2 = markdown_table(("source", "network", "train SB", "train LB", "test SB", "test LB"), rows2)
 
-    modes = _bn_modes(sb + lb)
-    several = len(modes) > 1
+    modes = final_bn_modes(sb + lb)
+    several = len(modes) > 1 or named  # beside other families, every row names its BN mode
 
     def label(mode: str) -> str:
-        return f"**{THIS_RUN}**" + (f", {BN_MODE_TEXT[mode]}" if several else "")
-
-    def measured(eps: float, p: int | None, mode: str) -> dict[str, list[float]]:
-        return {
-            name: [s for r in group if (s := _sharpness(r, eps, p, mode)) is not None]
-            for name, group in (("SB", sb), ("LB", lb))
-        }
+        return source + (f", {BN_MODE_TEXT[mode]}" if several else "")
 
     def our_rows(p: int | None, prefix: list[str], table: str, quantity: str) -> list[list[str]]:
-        values = {mode: {eps: measured(eps, p, mode) for eps in TABLE_EPS} for mode in modes}
+        values = {
+            mode: {
+                eps: {
+                    name: [v for r in group if (v := final_sharpness(r, eps, p, mode)) is not None]
+                    for name, group in (("SB", sb), ("LB", lb))
+                }
+                for eps in TABLE_EPS
+            }
+            for mode in modes
+        }
         rows = [
             [
                 label(mode),
@@ -294,19 +335,7 @@ def keskar_tables(
         return rows
 
     # Table 3: full-space sharpness
-    rows3 = [
-        [
-            PAPER,
-            networks[key],
-            *(c for eps in TABLE_EPS for c in _paper(KESKAR_2017["sharpness_full"][eps][key])),
-        ]
-        for key in networks
-    ]
-    for eps in TABLE_EPS:
-        paper_csv("3", "sharpness_full", eps, None, KESKAR_2017["sharpness_full"][eps])
-    rows3 += our_rows(None, [], "3", "sharpness_full")
-    header = ("source", "network", *(f"ε={eps:g} {n}" for eps in TABLE_EPS for n in ("SB", "LB")))
-    table3 = markdown_table(header, rows3)
+    table3 = our_rows(None, [], "3", "sharpness_full")
 
     # Table 4: random-subspace sharpness, one of our rows per subspace dimension p probed
     dims = sorted(
@@ -317,8 +346,85 @@ def keskar_tables(
             if checkpoint_of(rec) == "final" and (p := rec.get("subspace_dim")) is not None
         }
     )
+    table4 = [row for p in dims for row in our_rows(p, [str(p)], "4", "sharpness_subspace")]
+    if not dims:
+        table4.append([label(modes[0]), ours, DASH, *([DASH] * 2 * len(TABLE_EPS))])
+        for eps in TABLE_EPS:
+            record("4", "sharpness_subspace", eps, None, {"SB": [], "LB": []}, modes[0])
+
+    # ‖x_s − x_0‖ / ‖x_l − x_0‖ from the weight-norm probes
+    distances = {
+        name: [d for r in group if (d := distance_from_init(r)) is not None]
+        for name, group in (("SB", sb), ("LB", lb))
+    }
+    record("distance", "distance_from_init", None, None, distances)
+    ratios, paired = distance_ratios(sb, lb)
+    mean, std = mean_std(ratios)
+    csv_rows.append(
+        [
+            "distance",
+            THIS_RUN,
+            ours,
+            "distance_ratio" if paired else "distance_ratio_of_means",
+            None,
+            None,
+            "SB/LB",
+            None,
+            len(ratios),
+            None if math.isnan(mean) else mean,
+            None if math.isnan(std) else std,
+            None,
+            family.label,
+        ]
+    )
+    ratio_text = format_mean_std(ratios) + ("" if paired or not ratios else ", ratio of the means")
+    distance = [source, ours, format_mean_std(distances["SB"]), format_mean_std(distances["LB"]), ratio_text]
+    return _FamilyRows(table2, table3, table4, distance, csv_rows, several)
+
+
+def keskar_tables(
+    runs: Sequence[RunRecord],
+    out_dir: str | Path,
+    sb_batch: int,
+    lb_batch: int,
+    scale: str | None = None,
+) -> str:
+    """Keskar et al. 2017's Table 2 (train and test accuracy %, train from the final
+    eval_train_acc), Table 3 (full-space epsilon-sharpness at eps = 1e-3 and 5e-4), Table 4
+    (random-subspace sharpness, p from the probes) and the distance ratio ‖x_s − x_0‖ / ‖x_l − x_0‖,
+    each under the paper's six networks, with rows of their own for each family of runs (same
+    settings but batch and trial, `table_families`) with finished runs at `sb_batch` and `lb_batch`
+    (diverged runs left out): runs of two networks are never averaged. Returns the Markdown and
+    writes out_dir/keskar_tables.csv (table, source, network, quantity, eps, p, regime, batch_size,
+    n_runs, mean, std, bn_mode, family)."""
+    chosen = table_families(runs, sb_batch, lb_batch)
+    if not chosen:
+        raise SharpError(
+            f"no family of runs has finished runs at both batch size {sb_batch} and {lb_batch} (a family: "
+            "the same settings but batch and seeds): choose sb_batch/lb_batch from the runs"
+        )
+    several_families = len(chosen) > 1
+    networks = KESKAR_2017["networks"]
+    csv_rows: list[list[Any]] = []
+    rows2: list[list[str]] = [
+        [
+            PAPER,
+            networks[key],
+            *_paper(KESKAR_2017["train_acc"].get(key)),
+            *_paper(KESKAR_2017["test_acc"].get(key)),
+        ]
+        for key in networks
+    ]
+    rows3: list[list[str]] = [
+        [
+            PAPER,
+            networks[key],
+            *(c for eps in TABLE_EPS for c in _paper(KESKAR_2017["sharpness_full"][eps][key])),
+        ]
+        for key in networks
+    ]
     paper_p = KESKAR_2017["subspace_dim"]
-    rows4 = [
+    rows4: list[list[str]] = [
         [
             PAPER,
             networks[key],
@@ -327,16 +433,41 @@ def keskar_tables(
         ]
         for key in networks
     ]
+    distance_rows: list[list[str]] = [[PAPER, "F1–C4 (stated in the text)", DASH, DASH, "3–10"]]
+
+    def paper_csv(
+        table: str, quantity: str, eps: float | None, p: int | None, pairs: dict[str, tuple]
+    ) -> None:
+        for key, pair in pairs.items():
+            for name, value in zip(("SB", "LB"), pair, strict=True):
+                csv_rows.append(
+                    [table, PAPER, networks[key], quantity, eps, p, name, None, 5, value, None, None, None]
+                )
+
+    for quantity in ("train_acc", "test_acc"):
+        paper_csv("2", quantity, None, None, KESKAR_2017[quantity])
+    for eps in TABLE_EPS:
+        paper_csv("3", "sharpness_full", eps, None, KESKAR_2017["sharpness_full"][eps])
     for eps in TABLE_EPS:
         paper_csv("4", "sharpness_subspace", eps, paper_p, KESKAR_2017["sharpness_subspace"][eps])
-    if dims:
-        for p in dims:
-            rows4 += our_rows(p, [str(p)], "4", "sharpness_subspace")
-    else:
-        rows4.append([label(modes[0]), ours, DASH, *([DASH] * 2 * len(TABLE_EPS))])
-        for eps in TABLE_EPS:
-            record("4", "sharpness_subspace", eps, None, {"SB": [], "LB": []}, modes[0])
+
+    several_modes = False
+    for family in chosen:
+        rows = _family_rows(family, sb_batch, lb_batch, scale, several_families)
+        rows2.append(rows.table2)
+        rows3 += rows.table3
+        rows4 += rows.table4
+        distance_rows.append(rows.distance)
+        csv_rows += rows.csv
+        several_modes = several_modes or rows.several_modes
+
+    header = ("source", "network", *(f"ε={eps:g} {n}" for eps in TABLE_EPS for n in ("SB", "LB")))
+    table2 = markdown_table(("source", "network", "train SB", "train LB", "test SB", "test LB"), rows2)
+    table3 = markdown_table(header, rows3)
     table4 = markdown_table(("source", "network", "p", *header[2:]), rows4)
+    distance = markdown_table(
+        ("source", "network", "‖x_s − x_0‖₂", "‖x_l − x_0‖₂", "‖x_s − x_0‖ / ‖x_l − x_0‖"), distance_rows
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +486,7 @@ def keskar_tables(
             "mean",
             "std",
             "bn_mode",
+            "family",
         ),
         csv_rows,
     )
@@ -364,10 +496,21 @@ def keskar_tables(
         "— = not measured."
         + (
             " BN: running statistics = as accumulated in training; recomputed = recomputed at the final "
-            "weights from the training split; recompute ÷ eval = ratio of the means."
-            if several
+            "weights from the training split; batch statistics = each group of bn_batch probe examples "
+            "normalized by its own; recompute ÷ eval = ratio of the means."
+            if several_modes
             else ""
         )
+        + (
+            " Each family of runs (the same settings but batch size, micro-batch, BN batch and seeds) has "
+            "rows of its own, named by what tells it from the others."
+            if several_families
+            else ""
+        )
+    )
+    distance_note = (
+        "x_0 is each run's checkpoints/epoch-0000.pt (`sharp probe --norms`); the ratio is taken per initial "
+        "point that SB and LB runs share (their init seed), mean ± std over those points."
     )
     return "\n\n".join(
         [
@@ -377,6 +520,9 @@ def keskar_tables(
             table3,
             "### Table 4: ε-sharpness in a random subspace of dimension p (%)",
             table4,
+            "### Distance from the initial point: ‖x_s − x_0‖ / ‖x_l − x_0‖",
+            distance,
+            distance_note,
             note,
         ]
     )

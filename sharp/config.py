@@ -52,6 +52,7 @@ TRACE_ESTIMATORS = ("hutchinson", "hutch++")  # sharp.probes.hessian.stochastic_
 NOISE_POOLS = ("train", "probe-set")
 LOSSES = ("ce", "mse")
 TRACK_BN_MODES = ("train", "eval")
+INPUT_SCALINGS = ("standardize", "unit")
 DEFAULT_MICRO_BATCH_CAP = 512
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
@@ -85,6 +86,12 @@ class TrainConfig:
     data_seed: int = _opt(0, "seed of the training subset and the evaluation subset")
     augment: bool | None = _opt(
         None, "random crop (pad 4) and flip; default on for cifar/folder, off otherwise"
+    )
+    input_scaling: str = _opt(
+        "standardize",
+        "standardize: pixels / 255 minus the training split's per-channel mean, over its std; "
+        "unit: pixels / 255 alone (Keskar et al.'s Keras code)",
+        INPUT_SCALINGS,
     )
     eval_train_size: int = _opt(2048, "size of the fixed training subset evaluated each time")
     test_subset: int | None = _opt(None, "evaluate on a seeded class-balanced subset of N test images")

@@ -28,6 +28,23 @@ from sharp.progress import progress_bar
 
 SYNTHETIC_DEFAULT_SIZE = 2048
 CROP_PADDING = 4
+# The class names of torchvision's CIFAR readers (the datasets' own meta files), in label order:
+# a `folder:` dataset with these classes, 32x32 RGB images and the 50,000 / 10,000 split is CIFAR.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle",
+    "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear",
+    "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon",
+    "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)  # fmt: skip
+CIFAR_SHAPE, CIFAR_SPLIT = (3, 32, 32), (50_000, 10_000)
 
 
 @dataclass
@@ -54,6 +71,39 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[2])
+
+
+def dataset_label(data: Dataset) -> str:
+    """The dataset as a reader knows it, for titles and captions (never a local path): CIFAR-10 or
+    CIFAR-100 (torchvision's, or a `folder:` copy recognised by its class names, 32x32 RGB images
+    and 50,000 / 10,000 split), "digits (scikit-learn, 8x8)", "synthetic", else the folder's name."""
+    kind, _, arg = data.name.partition(":")
+    if kind == "cifar10":
+        return "CIFAR-10"
+    if kind == "cifar100":
+        return "CIFAR-100"
+    if kind == "digits":
+        return "digits (scikit-learn, 8x8)"
+    if kind != "folder":
+        return data.name
+    shape = tuple(data.train_images.shape[1:])
+    split = (len(data.train_labels), len(data.test_labels))
+    if shape == CIFAR_SHAPE and split == CIFAR_SPLIT:
+        for label, classes in (("CIFAR-10", CIFAR10_CLASSES), ("CIFAR-100", CIFAR100_CLASSES)):
+            if sorted(data.classes) == sorted(classes):
+                return label
+    return Path(arg.rstrip("/\\")).name or arg
+
+
+def input_normalization(data: Dataset, scaling: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std), in units of pixels / 255, that every loader of a run subtracts
+    and divides by: the training split's own ("standardize"), or 0 and 1 ("unit": pixels / 255
+    alone, as Keskar et al.'s Keras code feeds its nets). Training and probes both take it from here."""
+    if scaling == "standardize":
+        return data.mean, data.std
+    if scaling == "unit":
+        return (0.0,) * data.in_channels, (1.0,) * data.in_channels
+    raise SharpError(f"--input-scaling {scaling!r} is unknown: choose standardize or unit")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from sharp import __version__, runtime
 from sharp.config import ProbeConfig, parse_positive_list
-from sharp.data import Dataset, DeviceLoader, balanced_subset, load_dataset
+from sharp.data import Dataset, DeviceLoader, balanced_subset, input_normalization, load_dataset
 from sharp.errors import SharpError
 from sharp.losses import mean_loss
 from sharp.models import build_model
@@ -107,7 +107,8 @@ class RunData:
     def loader(
         self, split: str, n: int | None, seed: int, device: torch.device, dtype: torch.dtype
     ) -> DeviceLoader:
-        """A seeded class-balanced subset of the run's training split (or the test split), unaugmented."""
+        """A seeded class-balanced subset of the run's training split (or the test split), unaugmented,
+        scaled as the run's training saw it (`--input-scaling`)."""
         data = self.dataset
         if split == "train":
             images, labels = data.train_images[self.train_index], data.train_labels[self.train_index]
@@ -116,7 +117,8 @@ class RunData:
         if n is not None and n < len(labels):
             chosen = balanced_subset(labels, n, seed)
             images, labels = images[chosen], labels[chosen]
-        return DeviceLoader(images, labels, data.mean, data.std, device=device, dtype=dtype)
+        mean, std = input_normalization(data, self.settings.get("input_scaling", "standardize"))
+        return DeviceLoader(images, labels, mean, std, device=device, dtype=dtype)
 
 
 @dataclass
@@ -444,6 +446,7 @@ def run_interpolation(
     of `bn_batch` (default: the run's eval_batch). The run's loss is used; TF32 is off.
     """
     from analysis.interpolation import plot_interpolation
+    from analysis.results import dataset_text
     from sharp.probes.landscape import interpolate, parse_alphas
 
     out = Path(out)
@@ -511,8 +514,8 @@ def run_interpolation(
     atomic_write_json(out / "interp.json", record)
     s = first.settings
     title = (
-        f"{s['dataset']} (train subset {first.derived['n_train']}), {s['model']}, "
-        f"B={first.settings['batch_size']} vs B={second.settings['batch_size']}, BN: {bn}"
+        f"Keskar et al. {'Fig. 7' if path == 'sin' else 'Fig. 3'} — {dataset_text(s, first.derived)}, "
+        f"{s['model']}, B={s['batch_size']} vs B={second.settings['batch_size']}, BN: {bn}"
         + (", sine path" if path == "sin" else "")
     )
     plot_interpolation(record, out / "interp.png", out / "interp.csv", title=title)

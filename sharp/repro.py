@@ -11,11 +11,18 @@ ensemble = 8                # optional: runs that can share train as ensembles o
 base = {...}                # the group's own settings (optional)
 axes = {...}                # lists whose product is the grid
 probes = [{...}, {where = {seed = 0}, checkpoint = "all", ...}]   # `sharp probe` tables
-[[interpolations]]          # Keskar's Fig. 3 between two runs of a group
+[[interpolations]]          # Keskar's Fig. 3 (or, with path = "sin", Fig. 7) between two runs of a group
 a = {group = "NAME", batch_size = 256, seed = 0}
 b = {group = "NAME", batch_size = 5000, seed = 0}
 [scales.cpu]                # deep-merged over the spec at --scale cpu (tables merge, lists replace)
 ```
+
+A group's runs may start from another group's run (Keskar's piggybacked LB, Fig. 5): in its
+`base` or `axes`, `init_from = {group = "sb", batch_size = 256, seed = 0, checkpoint =
+"epoch-0005.pt"}` names one run of that group and one of its checkpoints (`final` by default),
+checked when the spec loads, and becomes `--init-from OUT/runs/NAME/checkpoints/epoch-0005.pt`.
+Such runs are trained after the runs they start from (the jobs run in dependency stages, with
+any launcher).
 
 Runs with the same settings share one directory (`OUT/runs/NAME-HASH`), so a run used by
 two groups is trained once; finished runs, probes and interpolations are skipped when the
@@ -27,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +44,13 @@ from typing import Any
 from sharp.config import ProbeConfig, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
-from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec
+from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec, run_name
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
 SCALES = ("cpu", "full")
+INTERPOLATION_OPTIONS = ("alphas", "bn", "path", "bn_batch", "bn_set", "train_set", "test_set", "seed")
+INTERPOLATION_KEYS = ("name", "a", "b", *INTERPOLATION_OPTIONS)
+Job = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +62,24 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A run that starts from another run's checkpoint (a spec's `init_from = {group = ...}`)."""
+
+    source: str  # the name of the run it starts from (OUT/runs/NAME)
+    checkpoint: str  # the file inside that run: final.pt or checkpoints/epoch-NNNN.pt
+
+    @property
+    def relative(self) -> str:
+        """The `init_from` of the run's settings, relative to the reproduction's directory (so the
+        run's name does not depend on where the reproduction is written)."""
+        return f"runs/{self.source}/{self.checkpoint}"
+
+    @property
+    def label(self) -> str:
+        return Path(self.checkpoint).stem  # "epoch-0005" or "final", in the run's name
 
 
 @dataclass
@@ -82,6 +111,7 @@ class ReproSpec:
     groups: dict[str, Group] = field(default_factory=dict)
     interpolations: list[dict[str, Any]] = field(default_factory=list)
     ensemble: int = 1  # runs that can share train as ensembles of up to this many (sharp.ensemble)
+    warm_starts: dict[str, WarmStart] = field(default_factory=dict)  # run name -> where it starts
 
     @classmethod
     def load(
@@ -116,21 +146,7 @@ class ReproSpec:
         spec.ensemble = resolved.get("ensemble", 1)
         if not isinstance(spec.ensemble, int) or isinstance(spec.ensemble, bool) or spec.ensemble < 1:
             raise SharpError(f"spec {spec.name!r}: ensemble = {spec.ensemble!r} must be a whole number >= 1")
-        base = resolved.get("base", {})
-        for group_name, group in resolved.get("groups", {}).items():
-            extra = sorted(set(group) - {"base", "axes", "probes"})
-            if extra:
-                raise SharpError(
-                    f"spec group {group_name!r}: unknown key {extra[0]!r}; use base, axes, probes"
-                )
-            grid = SweepSpec.from_dict(
-                {"base": {**base, **group.get("base", {})}, "axes": group.get("axes", {})},
-                default_name=group_name,
-            )
-            probes = list(group.get("probes", []))
-            for probe in probes:
-                make_config({k: v for k, v in probe.items() if k != "where"}, {}, ProbeConfig)
-            spec.groups[group_name] = Group(group_name, grid.runs(), probes)
+        spec._build_groups(resolved.get("groups", {}), resolved.get("base", {}))
         report = resolved.get("report", {})
         extra = sorted(set(report) - {"goal_losses", "sb_batch", "lb_batch", "figures"})
         if extra:
@@ -143,9 +159,111 @@ class ReproSpec:
             check_figure_names(report["figures"])
         spec.interpolations = list(resolved.get("interpolations", []))
         for index, interp in enumerate(spec.interpolations):
+            extra = sorted(set(interp) - set(INTERPOLATION_KEYS))
+            if extra:
+                raise SharpError(
+                    f"spec interpolations[{index}]: unknown key {extra[0]!r}; "
+                    f"use {', '.join(INTERPOLATION_KEYS)}"
+                )
             for side in ("a", "b"):
                 spec.find_run(interp.get(side, {}), f"interpolations[{index}].{side}")
         return spec
+
+    def _build_groups(self, groups: dict[str, Any], base: dict[str, Any]) -> None:
+        """Expand every group, each after the groups its `init_from` selectors name."""
+        built: dict[str, Group] = {}
+        pending = dict(groups)
+        while pending:
+            ready = []
+            for name, group in pending.items():
+                needed = _selected_groups(group, base)
+                unknown = sorted(needed - set(groups))
+                if unknown:
+                    raise SharpError(
+                        f"spec group {name!r}: init_from names no group {unknown[0]!r}; "
+                        f"choose one of {', '.join(groups)}"
+                    )
+                if needed <= set(built):
+                    ready.append(name)
+            if not ready:
+                raise SharpError(
+                    f"spec groups {', '.join(sorted(pending))} start from each other's runs in a circle: "
+                    "let one of them start from scratch"
+                )
+            for name in ready:
+                self.groups = built  # find_run looks up the groups built so far
+                built[name] = self._build_group(name, pending.pop(name), base)
+        self.groups = {name: built[name] for name in groups}  # in the spec's order
+
+    def _build_group(self, name: str, group: dict[str, Any], base: dict[str, Any]) -> Group:
+        extra = sorted(set(group) - {"base", "axes", "probes"})
+        if extra:
+            raise SharpError(f"spec group {name!r}: unknown key {extra[0]!r}; use base, axes, probes")
+        starts: dict[str, WarmStart] = {}
+
+        def resolve(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                return value
+            start = self._warm_start(value, where)
+            starts[start.relative] = start
+            return start.relative
+
+        settings = {**base, **group.get("base", {})}
+        if "init_from" in settings:
+            settings["init_from"] = resolve(settings["init_from"], f"group {name!r} init_from")
+        axes = {}
+        for key, values in group.get("axes", {}).items():
+            names = [k.strip() for k in key.split(",")]
+            if "init_from" in names and isinstance(values, list):
+                at, where = names.index("init_from"), f"group {name!r} axes.{key}"
+                if len(names) == 1:
+                    values = [resolve(v, where) for v in values]
+                else:
+                    values = [
+                        [resolve(x, where) if i == at else x for i, x in enumerate(v)]
+                        if isinstance(v, list)
+                        else v
+                        for v in values
+                    ]
+            axes[key] = values
+        grid = SweepSpec.from_dict({"base": settings, "axes": axes}, default_name=name)
+        probes = list(group.get("probes", []))
+        for probe in probes:
+            make_config({k: v for k, v in probe.items() if k != "where"}, {}, ProbeConfig)
+        runs = grid.runs()
+        for run in runs:
+            start = starts.get(run.settings.get("init_from") or "")
+            if start is None:
+                continue
+            if "init_from" in run.point:  # name the checkpoint, not its path, in the run's name
+                run.name = run_name({**run.point, "init_from": start.label}, run.settings)
+            self.warm_starts[run.name] = start
+        return Group(name, runs, probes)
+
+    def _warm_start(self, selector: dict[str, Any], where: str) -> WarmStart:
+        """The run and checkpoint an `init_from = {group = ..., checkpoint = ..., settings...}` names."""
+        keys = {k: v for k, v in selector.items() if k != "checkpoint"}
+        source = self.find_run(keys, where)
+        text = str(selector.get("checkpoint", "final"))
+        stem = text.removesuffix(".pt")
+        if stem == "final":
+            return WarmStart(source.name, "final.pt")
+        match = re.fullmatch(r"(?:checkpoints/)?epoch-(\d+)", stem)
+        if match is None:
+            raise SharpError(f"spec {where}: checkpoint {text!r} is unknown: give final or epoch-NNNN.pt")
+        epoch, every = int(match.group(1)), source.settings.get("checkpoint_every")
+        if not every or epoch % every:
+            raise SharpError(
+                f"spec {where}: run {source.name} keeps no epoch-{epoch:04d}.pt "
+                f"(checkpoint_every = {every}): choose a multiple of its checkpoint_every"
+            )
+        epochs = source.settings.get("epochs")
+        if epochs is not None and epoch > epochs:
+            raise SharpError(
+                f"spec {where}: run {source.name} trains at most {epochs} epochs, so it has no "
+                f"epoch-{epoch:04d}.pt: choose an earlier checkpoint"
+            )
+        return WarmStart(source.name, f"checkpoints/epoch-{epoch:04d}.pt")
 
     def find_run(self, selector: dict[str, Any], where: str) -> RunSpec:
         """The one run of `selector["group"]` whose settings match the selector's other keys."""
@@ -163,17 +281,37 @@ class ReproSpec:
             )
         return found[0]
 
-    def jobs(self, out: Path) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-        """One job per distinct run: (run directory, settings, every probe table any group asks of it)."""
-        jobs: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
+    def jobs(self, out: Path) -> list[Job]:
+        """One job per distinct run: (run directory, settings, every probe table any group asks of it);
+        a warm-started run's init_from is the path of its source checkpoint under `out`."""
+        jobs: dict[str, Job] = {}
         for group in self.groups.values():
             for run in group.runs:
                 path = str(out / "runs" / run.name)
-                job = jobs.setdefault(run.name, (path, dict(run.settings), []))
+                settings = dict(run.settings)
+                if run.name in self.warm_starts:
+                    settings["init_from"] = str(out / self.warm_starts[run.name].relative)
+                job = jobs.setdefault(run.name, (path, settings, []))
                 for probe in group.probes_for(run):
                     if probe not in job[2]:
                         job[2].append(probe)
         return list(jobs.values())
+
+    def job_stages(self, out: Path) -> list[list[Job]]:
+        """The jobs in the order they can run: those that start from no other run, then those that
+        start from them, and so on (each stage may run in parallel)."""
+        depth: dict[str, int] = {}
+
+        def level(name: str) -> int:
+            if name not in depth:
+                start = self.warm_starts.get(name)
+                depth[name] = 0 if start is None else level(start.source) + 1
+            return depth[name]
+
+        stages: dict[int, list[Job]] = {}
+        for job in self.jobs(out):
+            stages.setdefault(level(Path(job[0]).name), []).append(job)
+        return [stages[d] for d in sorted(stages)]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -214,17 +352,24 @@ def run_repro(
     )
 
     started = time.perf_counter()
-    jobs = spec.jobs(out)
+    stages = spec.job_stages(out)
     if device != "auto":  # every stage: training, probes and (below) interpolations
-        jobs = [
-            (path, {**settings, "device": device}, [{**probe, "device": device} for probe in probes])
-            for path, settings, probes in jobs
+        stages = [
+            [
+                (path, {**settings, "device": device}, [{**probe, "device": device} for probe in probes])
+                for path, settings, probes in jobs
+            ]
+            for jobs in stages
         ]
-    echo(f"{spec.name} ({spec.scale}): {len(jobs)} runs")
+    count = sum(len(jobs) for jobs in stages)
+    later = f", in {len(stages)} stages (warm-started runs after their sources)" if len(stages) > 1 else ""
+    echo(f"{spec.name} ({spec.scale}): {count} runs{later}")
     launcher = launcher or Launcher()
     if launcher.ensemble is None:  # --ensemble not given: the spec's
         launcher = dataclasses.replace(launcher, ensemble=spec.ensemble)
-    states = launcher.run(jobs, echo)
+    states: list[str] = []
+    for jobs in stages:  # in turn: a warm-started run needs its source's checkpoint
+        states += launcher.run(jobs, echo)
     timings["runs"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -280,6 +425,21 @@ def devices_used(out: Path) -> dict[str, list[str]]:
     return {stage: sorted({d for d in devices if d}) for stage, devices in found.items()}
 
 
+def _selected_groups(group: dict[str, Any], base: dict[str, Any]) -> set[str]:
+    """The groups whose runs the `init_from` selectors of a group (its base, the spec's base or its
+    axes) name."""
+    selectors = [{**base, **group.get("base", {})}.get("init_from")]
+    for key, values in group.get("axes", {}).items():
+        names = [k.strip() for k in key.split(",")]
+        if "init_from" in names and isinstance(values, list):
+            at = names.index("init_from")
+            for value in values:
+                if len(names) > 1:
+                    value = value[at] if isinstance(value, list) and len(value) > at else None
+                selectors.append(value)
+    return {str(s.get("group")) for s in selectors if isinstance(s, dict)}
+
+
 def _what_runs(spec: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved spec that decide its runs and interpolations (a reproduction may
     be re-reported with other [report] options or titles, not re-run with other settings)."""
@@ -300,7 +460,7 @@ def _interpolation(
             echo(f"skip interpolation {target.name}: {path.name} did not finish")
             return None
     if not (target / "interp.json").exists():
-        options = {k: interp[k] for k in ("alphas", "bn", "train_set", "test_set", "seed") if k in interp}
+        options = {k: interp[k] for k in INTERPOLATION_OPTIONS if k in interp}
         run_interpolation(path_a, path_b, out=target, device=device, **options)
         echo(f"interpolation {target.name}: done")
     return json.loads((target / "interp.json").read_text())

@@ -41,7 +41,9 @@ from sharp.data import (
     DeviceLoader,
     Window,
     balanced_subset,
+    dataset_label,
     epoch_seed,
+    input_normalization,
     load_dataset,
     steps_per_epoch,
 )
@@ -298,12 +300,13 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
     forward = torch.compile(model, **options) if options is not None else model
 
     loader_args = dict(device=device, dtype=dtype, channels_last=channels_last)
+    mean, std = input_normalization(data, cfg.input_scaling)  # the probes' loaders take it from there too
     train_images, train_labels = data.train_images[train_index], data.train_labels[train_index]
     train_loader = DeviceLoader(
         train_images,
         train_labels,
-        data.mean,
-        data.std,
+        mean,
+        std,
         seed=cfg.seed,
         augment=resolve_augment(cfg),
         rank=dist.rank,
@@ -312,15 +315,11 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         **loader_args,
     )
     eval_index = balanced_subset(train_labels, cfg.eval_train_size, cfg.data_seed + 1)
-    eval_train = DeviceLoader(
-        train_images[eval_index], train_labels[eval_index], data.mean, data.std, **loader_args
-    )
+    eval_train = DeviceLoader(train_images[eval_index], train_labels[eval_index], mean, std, **loader_args)
     test_index = balanced_subset(
         data.test_labels, cfg.test_subset or len(data.test_labels), cfg.data_seed + 2
     )
-    test = DeviceLoader(
-        data.test_images[test_index], data.test_labels[test_index], data.mean, data.std, **loader_args
-    )
+    test = DeviceLoader(data.test_images[test_index], data.test_labels[test_index], mean, std, **loader_args)
 
     tracker = None
     if cfg.track_sharpness:
@@ -832,6 +831,7 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
     batch = batch_size_at(cfg, 0)
     micro = resolved_micro_batch(cfg, batch)
     world = t.dist.world_size
+    mean, std = input_normalization(t.dataset, cfg.input_scaling)
     return {
         "lr": t.schedule.peak,
         "total_steps": t.total_steps,
@@ -863,8 +863,11 @@ def derived_settings(t: Training, flags: runtime.TorchFlags) -> dict[str, Any]:
         "num_classes": t.dataset.num_classes,
         "in_channels": t.dataset.in_channels,
         "image_size": t.dataset.image_size,
+        "dataset_label": dataset_label(t.dataset),
         "dataset_mean": list(t.dataset.mean),
         "dataset_std": list(t.dataset.std),
+        "input_mean": list(mean),  # what every loader of the run subtracts, then divides by input_std
+        "input_std": list(std),
         "parameters": sum(p.numel() for p in t.model.parameters()),
         "warmup_steps": t.schedule.warmup_steps,
         "noise_scale_decay": NOISE_SCALE_DECAY if t.noise is not None else None,

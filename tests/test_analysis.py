@@ -207,6 +207,7 @@ def test_analysis_never_imports_torch():
             "correlate",
             "correlation_figures",
             "jiang2020",
+            "ablation",
         )
     )
     code = f"import sys, analysis, {modules}; print('torch' in sys.modules)"

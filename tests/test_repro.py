@@ -16,8 +16,8 @@ from sharp.repro import SPEC_DIR, ReproSpec, deep_merge, run_repro
 SPECS = sorted(p.stem for p in SPEC_DIR.glob("*.toml"))
 
 
-def test_the_four_paper_specs_exist():
-    assert {"keskar", "masters-luschi", "accumulation", "noise-scale"} <= set(SPECS)
+def test_the_paper_specs_exist():
+    assert {"keskar", "keskar-ablation", "masters-luschi", "accumulation", "noise-scale"} <= set(SPECS)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -38,15 +38,29 @@ def _settings(spec, group):
 
 def test_keskar_full_scale_is_the_papers_setup():
     spec = ReproSpec.load("keskar", "full")
-    runs = _settings(spec, "sb_lb")
-    assert sorted({r["batch_size"] for r in runs}) == [256, 5000]  # SB 256, LB 10% of 50,000
-    assert sorted({r["seed"] for r in runs}) == [0, 1, 2, 3, 4]  # 5 trials
-    assert all(r["optimizer"] == "adam" and r["lr"] == 0.001 and r["augment"] is False for r in runs)
-    assert all(r["micro_batch"] == r["batch_size"] and r["train_subset"] is None for r in runs)
-    assert all(r["until_train_loss"] == 0.01 and r["epochs"] == 200 for r in runs)  # trained to ~99.9%
-    probes = spec.groups["sb_lb"].probes_for(spec.groups["sb_lb"].runs[0])
-    assert probes[0]["eps"] == "1e-3,5e-4" and probes[0]["subspace"] == 100
-    assert spec.interpolations[0]["alphas"] == "-1:2:25"
+    for group, model in (("c1", "keskar-c1"), ("c2", "keskar-c2")):
+        runs = _settings(spec, group)
+        assert sorted({r["batch_size"] for r in runs}) == [256, 5000]  # SB 256, LB 10% of 50,000
+        assert sorted({r["seed"] for r in runs}) == [0, 1, 2, 3, 4]  # 5 trials
+        assert all(r["init_seed"] == r["seed"] for r in runs)  # each SB/LB pair from one x_0
+        assert all(r["model"] == model and r["norm"] == "bn" for r in runs)
+        assert all(r["optimizer"] == "adam" and r["lr"] == 0.001 and r["augment"] is False for r in runs)
+        assert all(r["input_scaling"] == "unit" for r in runs)  # pixels / 255, as the Keras code
+        assert all(
+            r["micro_batch"] == r["batch_size"] and r["train_subset"] is None for r in runs
+        )  # one BN batch
+        assert all(r["until_plateau"] == 5 and r["epochs"] == 200 and r["eval_batch"] == 5000 for r in runs)
+        probes = spec.groups[group].probes_for(spec.groups[group].runs[0])
+        assert probes[0]["bn_mode"] == "batch" and probes[0]["bn_batch"] == 5000  # the authors' evaluation
+        assert probes[0]["eps"] == "1e-3,5e-4" and probes[0]["subspace"] == 100
+    assert {r["model"] for r in _settings(spec, "resnet")} == {"resnet32"}  # kept for comparison
+    line, sine = spec.interpolations
+    assert line["alphas"] == sine["alphas"] == "-1:2:25" and sine["path"] == "sin" and line["bn"] == "batch"
+    (sb,) = [r for r in spec.groups["c1"].runs if r.settings["batch_size"] == 256 and r.settings["seed"] == 0]
+    starts = [spec.warm_starts[r.name] for r in spec.groups["piggyback"].runs]
+    assert {s.source for s in starts} == {sb.name}
+    assert [s.checkpoint for s in starts] == [f"checkpoints/epoch-{k:04d}.pt" for k in (0, 5, 10, 20, 30)]
+    assert {r["batch_size"] for r in _settings(spec, "piggyback")} == {5000}
 
 
 def test_masters_luschi_full_scale_is_the_papers_setup():
@@ -83,14 +97,30 @@ def test_noise_scale_tries_several_rates_per_batch_at_full_scale():
 
 def test_cpu_scale_keeps_the_design_and_shrinks_it():
     spec = ReproSpec.load("keskar", "cpu")
-    runs = _settings(spec, "sb_lb")
-    assert {r["batch_size"] for r in runs} == {32, 500} and all(r["train_subset"] == 5000 for r in runs)
-    assert all(r["optimizer"] == "adam" and r["model"] == "resnet8" for r in runs)
-    assert all(r["until_train_loss"] == 0.1 and r["augment"] is False for r in runs)
-    assert (spec.raw["report"]["sb_batch"], spec.raw["report"]["lb_batch"]) == (32, 500)
-    # runs shared by two groups are trained once
-    names = [j[0] for j in spec.jobs(Path("/x"))]
+    runs = _settings(spec, "c1")
+    assert {r["batch_size"] for r in runs} == {25, 500} and all(r["train_subset"] == 5000 for r in runs)
+    assert all(r["optimizer"] == "adam" and r["model"] == "keskar-c1" for r in runs)
+    assert all(r["until_plateau"] == 3 and r["augment"] is False and r["eval_batch"] == 500 for r in runs)
+    assert (spec.raw["report"]["sb_batch"], spec.raw["report"]["lb_batch"]) == (25, 500)
+    assert "c2" not in spec.groups and {r["model"] for r in _settings(spec, "resnet")} == {"resnet8"}
+    names = [j[0] for j in spec.jobs(Path("/x"))]  # c1 2, resnet 2, Fig. 5's 2
     assert len(names) == len(set(names)) == 6
+    assert [len(stage) for stage in spec.job_stages(Path("/x"))] == [4, 2]  # warm starts after their source
+
+
+def test_keskar_ablation_crosses_network_stopping_rule_and_probe_bn_mode():
+    spec = ReproSpec.load("keskar-ablation", "cpu")
+    cells = {
+        (r["model"], "plateau" if r["until_plateau"] else "loss", r["batch_size"])
+        for group in spec.groups
+        for r in _settings(spec, group)
+    }
+    assert cells == {
+        (m, s, b) for m in ("keskar-c1", "resnet8") for s in ("plateau", "loss") for b in (25, 500)
+    }
+    modes = {group: {p.get("bn_mode", "eval") for p in spec.groups[group].probes} for group in spec.groups}
+    assert modes["c1_plateau"] == modes["c1_loss"] == {"batch"}  # C1 keeps no running statistics
+    assert modes["resnet_plateau"] == modes["resnet_loss"] == {"eval", "recompute", "batch"}
 
 
 def test_deep_merge_merges_tables_and_replaces_lists():
