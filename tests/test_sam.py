@@ -92,14 +92,9 @@ def _gradient(w, x, y, n):
 
 
 @pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
-def test_training_step_is_the_closed_form(digits, adaptive, m):
+def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     lr, rho = 0.1, 0.05
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        loss="mse",
-        precision="fp64",
+    cfg = exact_config(
         batch_size=48,
         micro_batch=16,
         lr=lr,
