@@ -11,9 +11,10 @@ from sharp.data import load_digits, load_synthetic
 from sharp.runtime import TorchFlags
 from sharp.train import train_step
 
-# a bias-only MLP (no norm) on digits under the squared loss in float64: a smooth loss whose
-# Hessian references and accumulated runs agree to rounding
-EXACT_DIGITS = dict(dataset="digits", model="mlp", norm="none", loss="mse", precision="fp64")
+DIGITS_MLP = dict(dataset="digits", model="mlp", norm="none")  # the MLP with biases, no norm, on digits
+# ... under the squared loss in float64: a smooth loss whose Hessian references and accumulated
+# runs agree to rounding
+EXACT_DIGITS = dict(DIGITS_MLP, loss="mse", precision="fp64")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,6 +49,12 @@ def _torch_flags_restored():
     before = TorchFlags.current()
     yield
     assert TorchFlags.current() == before
+
+
+@pytest.fixture
+def digits_config():
+    """`digits_config(**settings)`: the TrainConfig of DIGITS_MLP with `settings` added or replaced."""
+    return lambda **settings: TrainConfig(**{**DIGITS_MLP, **settings})
 
 
 @pytest.fixture

@@ -114,18 +114,8 @@ def test_plateau_rule_on_a_known_curve():
     assert not any(plateaued(Cursor(), loss, 3, 0.01) for loss in [1.0, 0.9, 0.8, 0.7])
 
 
-def test_until_plateau_stops_where_the_rule_says(tmp_path, digits):
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        batch_size=256,
-        lr=0.5,
-        epochs=60,
-        eval_every=0.5,
-        until_plateau=2,
-        plateau_tol=0.05,
-    )
+def test_until_plateau_stops_where_the_rule_says(tmp_path, digits, digits_config):
+    cfg = digits_config(batch_size=256, lr=0.5, epochs=60, eval_every=0.5, until_plateau=2, plateau_tol=0.05)
     train(cfg, tmp_path / "p", dataset=digits, progress_bar=False)
     losses = [m["eval_train_loss"] for m in read_jsonl(tmp_path / "p" / "metrics.jsonl")]
     cursor = Cursor()
