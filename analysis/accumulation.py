@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from analysis.results import RunRecord, describe
+from analysis.results import RunRecord, figure_title
 from analysis.style import finite, outputs, plain_log_labels, save_figure, write_csv
 from sharp.errors import SharpError
 
@@ -84,9 +84,13 @@ def accumulation_curves(
         axis.set_xlabel("examples seen")
     acc_axis.legend(fontsize=7, loc="lower right")
     fig.suptitle(
-        title
-        or f"Accumulation vs true batches — {describe(ordered, scale)}\n"
-        "solid: true batch; dashed with markers: micro-batches accumulated to the same effective batch",
+        figure_title(
+            title,
+            "Accumulation vs true batches",
+            ordered,
+            scale,
+            "solid: true batch; dashed with markers: micro-batches accumulated to the same effective batch",
+        ),
         fontsize=9,
     )
     return [save_figure(fig, png), csv]

@@ -15,7 +15,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from analysis.results import RunRecord, describe
+from analysis.results import RunRecord, figure_title
 from analysis.style import NEUTRAL, batch_colour, finite, outputs, plain_log_labels, save_figure, write_csv
 from sharp.errors import SharpError
 
@@ -76,13 +76,21 @@ def _median_ratio(rows: Sequence[dict[str, Any]], key: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def _crossing(rows: Sequence[dict[str, Any]], key: str) -> tuple[int | None, float | None, float | None]:
+    """The first tracked step with `key` >= threshold, the median `key` / threshold from that step
+    on, and that median over the last half of the tracked steps."""
+    crossing = _first_crossing(rows, key)
+    after = None if crossing is None else _median_ratio([r for r in rows if r["step"] >= crossing], key)
+    return crossing, after, _median_ratio(rows[len(rows) // 2 :], key)
+
+
 def edge_summary(run: RunRecord) -> EdgeSummary | None:
     """The run's EdgeSummary, or None if it has no tracking rows."""
     rows = tracking_rows(run)
     if not rows:
         return None
-    crossing = _first_crossing(rows, "lambda_max")
-    batch_crossing = _first_crossing(rows, "batch_sharpness")
+    crossing, after, last_half = _crossing(rows, "lambda_max")
+    batch_crossing, batch_after, batch_last_half = _crossing(rows, "batch_sharpness")
     half = rows[len(rows) // 2 :]
     fractions = [v for r in half if (v := finite(r.get("grad_top_fraction"))) is not None]
     tracking = run.derived.get("tracking") or {}
@@ -97,19 +105,11 @@ def edge_summary(run: RunRecord) -> EdgeSummary | None:
         lambda_max_start=float(rows[0]["lambda_max"]),
         lambda_max_peak=max(float(r["lambda_max"]) for r in rows),
         first_crossing_step=crossing,
-        median_lambda_ratio_after=(
-            None
-            if crossing is None
-            else _median_ratio([r for r in rows if r["step"] >= crossing], "lambda_max")
-        ),
-        median_lambda_ratio_last_half=_median_ratio(half, "lambda_max"),
+        median_lambda_ratio_after=after,
+        median_lambda_ratio_last_half=last_half,
         batch_first_crossing_step=batch_crossing,
-        median_batch_ratio_after=(
-            None
-            if batch_crossing is None
-            else _median_ratio([r for r in rows if r["step"] >= batch_crossing], "batch_sharpness")
-        ),
-        median_batch_ratio_last_half=_median_ratio(half, "batch_sharpness"),
+        median_batch_ratio_after=batch_after,
+        median_batch_ratio_last_half=batch_last_half,
         median_grad_top_fraction_last_half=statistics.median(fractions) if fractions else None,
         track_set_size=tracking.get("set_size"),
         track_bn_mode=tracking.get("bn_mode"),
@@ -244,10 +244,14 @@ def sharpness_along_training(
         axes[2 * (index // columns)][index % columns].axis("off")
         axes[2 * (index // columns) + 1][index % columns].axis("off")
     fig.suptitle(
-        title
-        or f"Sharpness along training — {describe([r for r, _ in tracked], scale)}\n"
-        "line: λ_max of the tracking-set loss; x: batch sharpness of the step's batch; dashed: the stability "
-        "threshold; below: evaluated training loss",
+        figure_title(
+            title,
+            "Sharpness along training",
+            [r for r, _ in tracked],
+            scale,
+            "line: λ_max of the tracking-set loss; x: batch sharpness of the step's batch; dashed: the "
+            "stability threshold; below: evaluated training loss",
+        ),
         fontsize=9,
     )
     return [save_figure(fig, png), csv, summary_csv]

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from analysis.results import RunRecord, batch_sizes, describe, run_labels
+from analysis.results import RunRecord, batch_sizes, figure_title, run_labels
 from analysis.style import (
     NEUTRAL,
     batch_colour,
@@ -79,7 +79,7 @@ def hessian_eigenvalues_plot(
         tick.set_color(batch_colour(r.batch_size))
     axis.set_xlim(-0.6, len(found) - 0.4)
     axis.set_ylabel(r"Hessian eigenvalue $\lambda_i$ (top-k, final checkpoint)")
-    axis.set_title(title or f"Top Hessian eigenvalues — {describe([r for r, _ in found], scale)}", fontsize=9)
+    axis.set_title(figure_title(title, "Top Hessian eigenvalues", [r for r, _ in found], scale), fontsize=9)
     k = max(len(record["eigenvalues"]) for _, record in found)
     proxies = [
         Line2D(
@@ -160,6 +160,6 @@ def hessian_density_plot(
         axis.legend(fontsize=6, loc="upper right")
     axes[0][0].set_ylabel(f"spectral density (smoothed; floor {floor:g})")
     fig.suptitle(
-        title or f"Hessian spectral density (SLQ) — {describe([r for r, _ in found], scale)}", fontsize=9
+        figure_title(title, "Hessian spectral density (SLQ)", [r for r, _ in found], scale), fontsize=9
     )
     return [save_figure(fig, png), csv]

@@ -16,7 +16,7 @@ from analysis.results import (
     batch_sizes,
     checkpoint_epoch,
     checkpoint_of,
-    describe,
+    figure_title,
     mean_std,
     run_labels,
 )
@@ -122,7 +122,7 @@ def keskar_batch_size(
     acc_axis.set_xlabel(f"batch size B (log scale; B ≥ {LARGE_BATCH_MIN} large batch, red)")
     acc_axis.set_ylabel("test accuracy (%)  ●, solid")
     sharp_axis.set_ylabel(r"sharpness $\phi_{x,f}(\epsilon)$ (%)  ■, dashed")
-    acc_axis.set_title(title or f"Keskar et al. Fig. 4 — {describe(kept, scale)}", fontsize=9)
+    acc_axis.set_title(figure_title(title, "Keskar et al. Fig. 4", kept, scale), fontsize=9)
     handles = acc_axis.get_legend_handles_labels()[0] + sharp_axis.get_legend_handles_labels()[0]
     sharp_axis.legend(handles=handles, fontsize=8, loc="best", framealpha=0.95)  # the twin axis is on top
     return [save_figure(fig, png), csv]
@@ -217,9 +217,13 @@ def keskar_sharpness_along_training(
     axis.set_xlabel("training cross-entropy (reversed axis: decreasing to the right, as training proceeds)")
     axis.set_ylabel(rf"sharpness $\phi_{{x,f}}(\epsilon={eps:g})$ (%), full space")
     axis.set_title(
-        title
-        or f"Keskar et al. Fig. 5/6 — {describe([r for r, _ in series], scale)}\n"
-        "open circle: start of training (epoch 0 or first probed checkpoint)",
+        figure_title(
+            title,
+            "Keskar et al. Fig. 5/6",
+            [r for r, _ in series],
+            scale,
+            "open circle: start of training (epoch 0 or first probed checkpoint)",
+        ),
         fontsize=9,
     )
     axis.legend(fontsize=8, loc="best")
@@ -360,7 +364,7 @@ def keskar_piggyback(
     batches = "/".join(str(b) for b in sorted({r.batch_size for r in warm}))
     origin = f" from SB (B={'/'.join(str(b) for b in sources)})" if sources else ""
     acc_axis.set_title(
-        title or f"Keskar et al. Fig. 5 — LB (B={batches}) warm-started{origin} — {describe(warm, scale)}",
+        figure_title(title, f"Keskar et al. Fig. 5 — LB (B={batches}) warm-started{origin}", warm, scale),
         fontsize=9,
     )
     return [save_figure(fig, png), csv]

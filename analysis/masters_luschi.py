@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import LogFormatterSciNotation, NullLocator
 
-from analysis.results import RunRecord, describe
+from analysis.results import RunRecord, figure_title
 from analysis.style import (
     batch_axis,
     batch_colour,
@@ -156,7 +156,7 @@ def ml_accuracy_vs_lr(
         axis.set_title(name, fontsize=9)
         axis.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("test accuracy (%)\nmedian of the last 5 evaluations")
-    fig.suptitle(title or f"Masters & Luschi: accuracy vs η̃ — {describe(runs, scale)}", fontsize=9)
+    fig.suptitle(figure_title(title, "Masters & Luschi: accuracy vs η̃", runs, scale), fontsize=9)
     return [save_figure(fig, png), csv]
 
 
@@ -251,9 +251,13 @@ def ml_best_vs_batch(
     axis.set_xlabel("batch size m (log$_2$)")
     axis.set_ylabel(r"best test accuracy over $\tilde\eta$ (%)")
     axis.set_title(
-        title
-        or f"Masters & Luschi: best accuracy vs batch size — {describe(runs, scale)}"
-        "\nX at the bottom: every η̃ diverged",
+        figure_title(
+            title,
+            "Masters & Luschi: best accuracy vs batch size",
+            runs,
+            scale,
+            "X at the bottom: every η̃ diverged",
+        ),
         fontsize=9,
     )
     return [save_figure(fig, png), csv]
@@ -335,9 +339,13 @@ def ml_bn_heatmap(
     axis.set_ylabel("BN batch size $m_{BN}$")
     fig.colorbar(image, ax=axis, label="test accuracy (%)")
     axis.set_title(
-        title
-        or f"Masters & Luschi: BN batch vs SGD batch, {chosen} — {describe(runs, scale)}"
-        "\nbest over η̃; X every run diverged; — not run",
+        figure_title(
+            title,
+            f"Masters & Luschi: BN batch vs SGD batch, {chosen}",
+            runs,
+            scale,
+            "best over η̃; X every run diverged; — not run",
+        ),
         fontsize=8,
     )
     return [save_figure(fig, png), csv]

@@ -12,7 +12,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analysis.results import RunRecord, batch_sizes, describe, run_labels
+from analysis.results import RunRecord, batch_sizes, figure_title, run_labels
 from analysis.style import (
     NEUTRAL,
     batch_colour,
@@ -85,9 +85,13 @@ def noise_scale_over_training(
     axis.set_xlabel("examples seen")
     axis.set_ylabel(r"gradient noise scale $B_{simple} = \mathrm{tr}(\Sigma)/|G|^2$ (examples)")
     axis.set_title(
-        title
-        or f"McCandlish et al.: B_simple during training — {describe([r for r, _ in series], scale)}"
-        "\ndotted: the batch sizes used",
+        figure_title(
+            title,
+            "McCandlish et al.: B_simple during training",
+            [r for r, _ in series],
+            scale,
+            "dotted: the batch sizes used",
+        ),
         fontsize=9,
     )
     axis.legend(fontsize=7, loc="best")
@@ -226,9 +230,13 @@ def steps_vs_examples(
     axis.set_xlabel("examples E = S × B to reach the goal loss")
     axis.set_ylabel("optimizer steps S to reach the goal loss")
     axis.set_title(
-        title
-        or f"McCandlish et al.: steps vs examples — {describe(usable, scale)}\n"
-        "points coloured by batch size; lines: (S/S_min − 1)(E/E_min − 1) = 1",
+        figure_title(
+            title,
+            "McCandlish et al.: steps vs examples",
+            usable,
+            scale,
+            "points coloured by batch size; lines: (S/S_min − 1)(E/E_min − 1) = 1",
+        ),
         fontsize=9,
     )
     axis.legend(fontsize=7, loc="best")

@@ -262,6 +262,14 @@ def describe(runs: Sequence[RunRecord], scale: str | None = None) -> str:
     return text + (f"; scale: {scale}" if scale else "")
 
 
+def figure_title(
+    title: str | None, name: str, runs: Sequence[RunRecord], scale: str | None = None, note: str = ""
+) -> str:
+    """A figure's title: `title` if given, else "`name` — `describe(runs, scale)`", then `note` (how
+    to read the figure) on a line of its own."""
+    return title or f"{name} — {describe(runs, scale)}" + (f"\n{note}" if note else "")
+
+
 def run_labels(runs: Sequence[RunRecord]) -> dict[Path, str]:
     """A short legend label per run path: "B=64", plus whatever tells runs of one batch apart
     (micro-batch, BN batch, eta~, seed)."""

@@ -137,6 +137,12 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
     keys: dict[str, float] = {}
     details: dict[str, Any] = {}
 
+    def keep(detail: str, r: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        """A benchmark's result `r` as details[detail], its headline r["value"] as keys[key or detail]."""
+        keys[key or detail] = r["value"]
+        details[detail] = r
+        return r
+
     if "train" in only:
         for model, steps in scale.train_steps.items():
             _log(f"train {model}", started)
@@ -158,9 +164,11 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         details["throughput"] = r
     if "accumulation" in only:
         _log("accumulation", started)
-        r = B.bench_accumulation(ds, device, steps=scale.accumulation_steps, reps=scale.accumulation_reps)
-        keys["accumulation_overhead"] = r["value"]
-        details["accumulation"] = r
+        keep(
+            "accumulation",
+            B.bench_accumulation(ds, device, steps=scale.accumulation_steps, reps=scale.accumulation_reps),
+            "accumulation_overhead",
+        )
     model = None
     if any(name in only for name in ("hvp", "hessian", "peers", "sharpness", "eval")):
         _log("training the probed ResNet-8", started)
@@ -174,25 +182,23 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
     if "hvp" in only:
         _log("hvp_over_grad", started)
         batches = B.probe_batches(ds, device, *PROBE_HVP)
-        r = B.bench_hvp_over_grad(model, batches, device, reps=scale.hvp_reps)
-        keys["hvp_over_grad"] = r["value"]
-        details["hvp_over_grad"] = r
+        keep("hvp_over_grad", B.bench_hvp_over_grad(model, batches, device, reps=scale.hvp_reps))
         # the same without BN, to show what eval-mode BN's double backward costs
         torch.manual_seed(0)
         plain = build_model("resnet8", ds.in_channels, ds.num_classes, norm="none").to(device)
-        r = B.bench_hvp_over_grad(plain, batches, device, reps=scale.hvp_reps)
-        keys["hvp_over_grad.norm_none"] = r["value"]
-        details["hvp_over_grad.norm_none"] = r
+        keep("hvp_over_grad.norm_none", B.bench_hvp_over_grad(plain, batches, device, reps=scale.hvp_reps))
     if "hessian" in only:
         _log("hessian top-5 vs pyhessian", started)
         batch = B.probe_batches(ds, device, PROBE_HESSIAN, PROBE_HESSIAN)[0]
-        r = B.bench_hessian_top5(
-            model, batch, device, reps=scale.hessian_reps, crosscheck=scale.hessian_crosscheck
+        r = keep(
+            "hessian_top5",
+            B.bench_hessian_top5(
+                model, batch, device, reps=scale.hessian_reps, crosscheck=scale.hessian_crosscheck
+            ),
+            "hessian_top5_speedup_vs_pyhessian",
         )
-        keys["hessian_top5_speedup_vs_pyhessian"] = r["value"]
         keys["hessian_top5_hvps.sharp"] = r["sharp"]["hvps"]
         keys["hessian_top5_hvps.pyhessian"] = r["pyhessian"]["hvps"]
-        details["hessian_top5"] = r
     if "peers" in only:
         _log("hessian top-5 vs hessian-eigenthings and curvlinops (ResNet-8, eigsh reference)", started)
         batch = B.probe_batches(ds, device, PROBE_HESSIAN, PROBE_HESSIAN)[0]
@@ -242,16 +248,16 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
     if "sharpness" in only:
         _log("sharpness", started)
         batches = B.probe_batches(ds, device, *PROBE_HVP)
-        r = B.bench_sharpness(model, batches, device, reps=scale.sharpness_reps)
-        keys["sharpness_seconds_per_iteration"] = r["value"]
-        details["sharpness"] = r
+        keep(
+            "sharpness",
+            B.bench_sharpness(model, batches, device, reps=scale.sharpness_reps),
+            "sharpness_seconds_per_iteration",
+        )
     if "eval" in only:
         _log("eval", started)
-        r = B.bench_eval(ds, device, model, reps=scale.eval_reps)
-        keys["eval_speedup_vs_naive"] = r["value"]
+        r = keep("eval", B.bench_eval(ds, device, model, reps=scale.eval_reps), "eval_speedup_vs_naive")
         keys["eval_images_per_s.sharp"] = r["sharp_images_per_s"]
         keys["eval_images_per_s.naive"] = r["naive_images_per_s"]
-        details["eval"] = r
     if "ghost_bn" in only:
         _log("ghost_bn", started)
         r = B.bench_ghost_bn(device, GHOST_SIZES, reps=scale.ghost_bn_reps)
@@ -264,10 +270,9 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         for model, options in TRACKING.items():
             _log(f"tracking {model}", started)
             r = B.bench_tracking(ds, device, model, every=TRACK_EVERY, reps=scale.tracking_reps, **options)
-            keys[f"tracking_fraction.warm.{model}"] = r["warm_fraction"]
-            keys[f"tracking_fraction.cold.{model}"] = r["cold_fraction"]
-            keys[f"tracking_hvps.warm.{model}"] = r["warm_hvps"]
-            keys[f"tracking_hvps.cold.{model}"] = r["cold_hvps"]
+            for measure in ("fraction", "hvps"):
+                for start in ("warm", "cold"):
+                    keys[f"tracking_{measure}.{start}.{model}"] = r[f"{start}_{measure}"]
             details[f"tracking.{model}"] = r
     if "ensemble" in only:
         _log("ensemble", started)
@@ -284,9 +289,7 @@ def run_suite(scale: Scale, device: torch.device, only: tuple[str, ...] = BENCHM
         details["ensemble_hvp"] = r
     if "sam" in only:
         _log("sam", started)
-        r = B.bench_sam_step(ds, device, reps=scale.sam_reps)
-        keys["sam_step_over_plain"] = r["value"]
-        details["sam"] = r
+        keep("sam", B.bench_sam_step(ds, device, reps=scale.sam_reps), "sam_step_over_plain")
     _log("done", started)
     return {"keys": keys, "details": details, "seconds": time.perf_counter() - started}
 

@@ -8,6 +8,7 @@ at the Edge of Stability"); and two small nets for tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 # authors published their code) through 1.1.x; 1.0.0-1.0.7 had 1e-6
 KERAS_BN_EPS = 1e-5
 GHOST_BN_IMPLEMENTATIONS = ("auto", "loop", "batched")
+MakeBN = Callable[[int, bool], nn.Module]  # (features, spatial) -> a BN layer
 
 
 class _GhostBatchNorm:
@@ -412,18 +414,20 @@ def _keras_bn(features: int, norm: str, ghost_batch: int | None, spatial: bool) 
     return cls(features, ghost_batch, eps=KERAS_BN_EPS, track_running_stats=False)
 
 
-class KeskarShallowNet(nn.Module):
-    """Keskar et al.'s C1 (CIFAR-10) and C3 (CIFAR-100), `shallownet` in their network_zoo.py:
+def _keras_conv(in_channels: int, channels: int, kernel: int, bn: MakeBN) -> list[nn.Module]:
+    """Keras 1 Convolution2D(border_mode='same') with a bias -> BN -> ReLU (odd `kernel`)."""
+    return [nn.Conv2d(in_channels, channels, kernel, padding=kernel // 2), bn(channels, True), nn.ReLU()]
 
-        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
-        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
-        Flatten (64 * 8 * 8) -> Dense 384 -> BN -> ReLU -> Dropout 0.5
-        -> Dense 192 -> BN -> ReLU -> Dropout 0.5 -> Dense classes (softmax in the loss)
 
-    Every conv and Dense layer has a bias; BN is Keras mode 2 (`_keras_bn`); 1,757,834 trainable
-    parameters for 10 classes. `width` scales every hidden layer (1: the paper's). Default
-    initialization Keras' (`init="glorot"`): Glorot uniform weights, zero biases.
-    """
+def _keras_dense(in_features: int, features: int, bn: MakeBN) -> list[nn.Module]:
+    """Keras 1 Dense with a bias -> BN -> ReLU -> Dropout 0.5, as both of Keskar et al.'s nets end."""
+    return [nn.Linear(in_features, features), bn(features, False), nn.ReLU(), nn.Dropout(0.5)]
+
+
+class _KeskarNet(nn.Module):
+    """What Keskar et al.'s nets share: `features` (ending in a flatten) then `classifier`, built
+    by `_layers` in that order, BN Keras mode 2 (`_keras_bn`), Keras' Glorot initialization by
+    default. `width` scales every hidden layer (1: the paper's)."""
 
     def __init__(
         self,
@@ -436,36 +440,57 @@ class KeskarShallowNet(nn.Module):
         init: str = "glorot",
     ) -> None:
         super().__init__()
-        conv, dense1, dense2 = (max(1, round(c * width)) for c in (64, 384, 192))
-        layers: list[nn.Module] = []
-        size, current = image_size, in_channels
-        for _ in range(2):
-            layers += [
-                nn.Conv2d(current, conv, 5, padding=2),
-                _keras_bn(conv, norm, ghost_batch, spatial=True),
-                nn.ReLU(),
-                KerasSameMaxPool2d(3, 2),
-            ]
-            size, current = math.ceil(size / 2), conv
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.classifier = nn.Sequential(
-            nn.Linear(conv * size * size, dense1),
-            _keras_bn(dense1, norm, ghost_batch, spatial=False),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(dense1, dense2),
-            _keras_bn(dense2, norm, ghost_batch, spatial=False),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(dense2, num_classes),
-        )
+
+        def bn(features: int, spatial: bool) -> nn.Module:
+            return _keras_bn(features, norm, ghost_batch, spatial=spatial)
+
+        features, classifier = self._layers(in_channels, num_classes, image_size, width, bn)
+        self.features = nn.Sequential(*features, nn.Flatten())
+        self.classifier = nn.Sequential(*classifier)
         init_weights(self, init)
+
+    def _layers(
+        self, in_channels: int, num_classes: int, image_size: int, width: float, bn: MakeBN
+    ) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The feature layers and the classifier's, built in that order (`bn(features, spatial)`
+        makes one BN layer)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-class KeskarDeepNet(nn.Module):
+class KeskarShallowNet(_KeskarNet):
+    """Keskar et al.'s C1 (CIFAR-10) and C3 (CIFAR-100), `shallownet` in their network_zoo.py:
+
+        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
+        Conv 64@5x5 same -> BN -> ReLU -> MaxPool 3x3 stride 2 same
+        Flatten (64 * 8 * 8) -> Dense 384 -> BN -> ReLU -> Dropout 0.5
+        -> Dense 192 -> BN -> ReLU -> Dropout 0.5 -> Dense classes (softmax in the loss)
+
+    Every conv and Dense layer has a bias; BN is Keras mode 2 (`_keras_bn`); 1,757,834 trainable
+    parameters for 10 classes. `width` scales every hidden layer (1: the paper's). Default
+    initialization Keras' (`init="glorot"`): Glorot uniform weights, zero biases.
+    """
+
+    def _layers(
+        self, in_channels: int, num_classes: int, image_size: int, width: float, bn: MakeBN
+    ) -> tuple[list[nn.Module], list[nn.Module]]:
+        conv, dense1, dense2 = (max(1, round(c * width)) for c in (64, 384, 192))
+        layers: list[nn.Module] = []
+        size, current = image_size, in_channels
+        for _ in range(2):
+            layers += [*_keras_conv(current, conv, 5, bn), KerasSameMaxPool2d(3, 2)]
+            size, current = math.ceil(size / 2), conv
+        classifier = [
+            *_keras_dense(conv * size * size, dense1, bn),
+            *_keras_dense(dense1, dense2, bn),
+            nn.Linear(dense2, num_classes),
+        ]
+        return layers, classifier
+
+
+class KeskarDeepNet(_KeskarNet):
     """Keskar et al.'s C2 (CIFAR-10) and C4 (CIFAR-100), `deepnet` in their network_zoo.py, a
     VGG-16-like net of five stacks of 3x3 'same' convs, each conv -> BN -> ReLU:
 
@@ -482,46 +507,27 @@ class KeskarDeepNet(nn.Module):
 
     STACKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        image_size: int = 32,
-        width: float = 1.0,
-        norm: str = "bn",
-        ghost_batch: int | None = None,
-        init: str = "glorot",
-    ) -> None:
-        super().__init__()
+    def _layers(
+        self, in_channels: int, num_classes: int, image_size: int, width: float, bn: MakeBN
+    ) -> tuple[list[nn.Module], list[nn.Module]]:
         layers: list[nn.Module] = []
         size, current = image_size, in_channels
         for stack, (channels, convs) in enumerate(self.STACKS):
             channels = max(1, round(channels * width))
             for index in range(convs):
-                layers += [
-                    nn.Conv2d(current, channels, 3, padding=1),
-                    _keras_bn(channels, norm, ghost_batch, spatial=True),
-                    nn.ReLU(),
-                ]
+                layers += _keras_conv(current, channels, 3, bn)
                 if index < convs - 1:
                     layers.append(nn.Dropout(0.3 if stack == 0 else 0.4))
                 current = channels
             layers.append(KerasSameMaxPool2d(2, 2))
             size = math.ceil(size / 2)
-        self.features = nn.Sequential(*layers, nn.Flatten())
         dense = max(1, round(512 * width))
-        self.classifier = nn.Sequential(
+        classifier = [
             nn.Dropout(0.5),
-            nn.Linear(current * size * size, dense),
-            _keras_bn(dense, norm, ghost_batch, spatial=False),
-            nn.ReLU(),
-            nn.Dropout(0.5),
+            *_keras_dense(current * size * size, dense, bn),
             nn.Linear(dense, num_classes),
-        )
-        init_weights(self, init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        ]
+        return layers, classifier
 
 
 def init_weights(model: nn.Module, init: str) -> None:

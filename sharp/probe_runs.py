@@ -172,6 +172,18 @@ def probe_path(run: RunDir, checkpoint_label: str, task: ProbeTask, context: dic
     return run.probes / f"{checkpoint_label}.{task.label}.{key}.json"
 
 
+def _radius_tasks(
+    name: str, probe: Callable[..., Any], norm: str, rho: str | None, option: str, seed: int
+) -> list[ProbeTask]:
+    """One task per radius of the adaptive (worst-case, `name="adaptive"`) or average sharpness
+    probe: the radii `rho` lists (from the CLI `option`), or `default_rho`'s one when none."""
+    from sharp.probes.sharpness import default_rho
+
+    kind = "worst" if name == "adaptive" else "average"
+    radii = [default_rho(kind, norm, True)] if rho is None else parse_positive_list(rho, option)
+    return [ProbeTask(f"{name}-{norm}-rho{r:g}", probe, dict(rho=r, norm=norm, seed=seed)) for r in radii]
+
+
 def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
     """The probes a ProbeConfig asks for, one task per probe and setting (each eps, each rho, ...)."""
     tasks = []
@@ -191,27 +203,15 @@ def probe_tasks(cfg: ProbeConfig) -> list[ProbeTask]:
                 )
                 tasks.append(ProbeTask(label, epsilon_sharpness, kwargs))
     if cfg.adaptive:
-        from sharp.probes.sharpness import adaptive_sharpness, default_rho
+        from sharp.probes.sharpness import adaptive_sharpness
 
-        radii = (
-            [default_rho("worst", cfg.adaptive_norm, True)]
-            if cfg.rho is None
-            else parse_positive_list(cfg.rho, "--rho")
-        )
-        for rho in radii:
-            kwargs = dict(rho=rho, norm=cfg.adaptive_norm, seed=cfg.seed)
-            tasks.append(ProbeTask(f"adaptive-{cfg.adaptive_norm}-rho{rho:g}", adaptive_sharpness, kwargs))
+        tasks += _radius_tasks("adaptive", adaptive_sharpness, cfg.adaptive_norm, cfg.rho, "--rho", cfg.seed)
     if cfg.average:
-        from sharp.probes.sharpness import average_sharpness, default_rho
+        from sharp.probes.sharpness import average_sharpness
 
-        radii = (
-            [default_rho("average", cfg.average_norm, True)]
-            if cfg.average_rho is None
-            else parse_positive_list(cfg.average_rho, "--average-rho")
+        tasks += _radius_tasks(
+            "average", average_sharpness, cfg.average_norm, cfg.average_rho, "--average-rho", cfg.seed
         )
-        for rho in radii:
-            kwargs = dict(rho=rho, norm=cfg.average_norm, seed=cfg.seed)
-            tasks.append(ProbeTask(f"average-{cfg.average_norm}-rho{rho:g}", average_sharpness, kwargs))
     if cfg.hessian or cfg.trace or cfg.density:
         from sharp.probes.hessian import hessian_density, hessian_top_eigenvalues, hessian_trace
 

@@ -371,39 +371,17 @@ def test_keskar_tables_show_paper_numbers_and_this_runs_mean_std(keskar_runs, tm
 def ml_runs(tmp_path):
     root = tmp_path / "ml"
     seven = [0.50, 0.60, 0.70, 0.91, 0.80, 0.95, 0.85]  # last 5: .70 .91 .80 .95 .85 -> median .85
-    make_run(
-        root,
-        "b16-a",
-        batch=16,
-        base_lr=2**-6,
-        lr_scaling="linear",
-        metrics=evaluations([2.0] * 7, seven, batch=16),
-    )
-    make_run(
-        root,
-        "b16-b",
-        batch=16,
-        base_lr=2**-4,
-        lr_scaling="linear",
-        metrics=evaluations([2.0] * 3, [0.2, 0.9, 0.7], batch=16),
-    )  # 3 records: median .7
-    make_run(root, "b16-c", batch=16, base_lr=2**-2, lr_scaling="linear", state="diverged")
-    make_run(
-        root,
-        "b256-a",
-        batch=256,
-        base_lr=2**-6,
-        lr_scaling="linear",
-        metrics=evaluations([2.0] * 3, [0.3, 0.6, 0.8], batch=256),
-    )  # median .6
-    make_run(
-        root,
-        "b256-b",
-        batch=256,
-        base_lr=2**-4,
-        lr_scaling="linear",
-        metrics=evaluations([2.0] * 3, [0.3, 0.7, 0.75], batch=256),
-    )  # median .7
+    linear = [  # name, batch, base learning rate, test accuracies (losses 2.0), or None: diverged
+        ("b16-a", 16, 2**-6, seven),
+        ("b16-b", 16, 2**-4, [0.2, 0.9, 0.7]),  # 3 records: median .7
+        ("b16-c", 16, 2**-2, None),
+        ("b256-a", 256, 2**-6, [0.3, 0.6, 0.8]),  # median .6
+        ("b256-b", 256, 2**-4, [0.3, 0.7, 0.75]),  # median .7
+    ]
+    for name, batch, base_lr, accs in linear:
+        metrics = evaluations([2.0] * len(accs), accs, batch=batch) if accs else None
+        state = "finished" if accs else "diverged"
+        make_run(root, name, batch=batch, base_lr=base_lr, lr_scaling="linear", metrics=metrics, state=state)
     make_run(
         root, "b256-lr", batch=256, lr=0.4, metrics=evaluations([2.0], [0.5], batch=256)
     )  # eta~ = 0.4/256
@@ -482,30 +460,17 @@ def test_ml_bn_heatmap_best_over_lr_with_diverged_and_missing_cells(tmp_path):
 
 
 def test_accumulation_curves_csv_and_labels(tmp_path):
-    true = make_run(
-        tmp_path,
-        "true",
-        batch=32,
-        norm="none",
-        metrics=evaluations([2.3, 1.0, 0.5], [0.1, 0.6, 0.8], batch=32),
+    curves = {
+        32: evaluations([2.3, 1.0, 0.5], [0.1, 0.6, 0.8], batch=32),
+        64: evaluations([2.3, 1.2], [0.1, 0.5], batch=64),
+    }
+    specs = [("true", 32, None), ("acc", 32, 4), ("b64", 64, 64)]
+    runs = load_runs(
+        [
+            make_run(tmp_path, name, batch=b, micro=micro, norm="none", metrics=curves[b])
+            for name, b, micro in specs
+        ]
     )
-    acc = make_run(
-        tmp_path,
-        "acc",
-        batch=32,
-        micro=4,
-        norm="none",
-        metrics=evaluations([2.3, 1.0, 0.5], [0.1, 0.6, 0.8], batch=32),
-    )
-    other = make_run(
-        tmp_path,
-        "b64",
-        batch=64,
-        micro=64,
-        norm="none",
-        metrics=evaluations([2.3, 1.2], [0.1, 0.5], batch=64),
-    )
-    runs = load_runs([true, acc, other])
     assert accumulation_label(runs[0]) == "B=32 (true batch)"
     assert accumulation_label(runs[1]) == "B=32 (8 micro-batches of 4)"
     paths = accumulation_curves(runs, tmp_path / "fig", scale="cpu")

@@ -24,16 +24,6 @@ CUDA = torch.device("cuda")
 COMMON = dict(dataset="digits", model="convnet", width=0.5, lr=0.05, momentum=0.9, augment=False)
 
 
-def _steps(t, count: int) -> list[float]:
-    """The losses of the first `count` optimizer steps of a built run."""
-    windows = t.train_loader.windows(0, t.cfg.batch_size, t.cfg.micro_batch or t.cfg.batch_size)
-    out = []
-    for _ in range(count):
-        result = train_step(t, next(windows), t.schedule(0))
-        out.append(float(result.loss_sum) / result.count)
-    return out
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,12 +66,12 @@ def test_cuda_graphs_compile_for_fixed_shapes_and_need_a_cuda_device(digits, mon
 
 
 @pytest.mark.cuda
-def test_bf16_autocast_training_computes_in_bf16_and_tracks_fp32(digits):
+def test_bf16_autocast_training_computes_in_bf16_and_tracks_fp32(digits, step_losses):
     fp32 = build(TrainConfig(**COMMON, batch_size=64, device="cuda"), dataset=digits)
     bf16 = build(TrainConfig(**COMMON, batch_size=64, device="cuda", precision="bf16"), dataset=digits)
     seen = []
     bf16.model.fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    reference, ours = _steps(fp32, 5), _steps(bf16, 5)
+    reference, ours = step_losses(fp32, 5), step_losses(bf16, 5)
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)
     assert all(p.dtype == torch.float32 and p.is_cuda for p in bf16.model.parameters())
     # bf16 rounds to 8 significant bits (2^-9 relative per operation): a few percent over 5 steps
@@ -89,7 +79,7 @@ def test_bf16_autocast_training_computes_in_bf16_and_tracks_fp32(digits):
 
 
 @pytest.mark.cuda
-def test_channels_last_on_the_gpu_trains_as_the_default_layout(digits):
+def test_channels_last_on_the_gpu_trains_as_the_default_layout(digits, step_losses):
     last = build(TrainConfig(**COMMON, batch_size=64, device="cuda", channels_last=True), dataset=digits)
     plain = build(TrainConfig(**COMMON, batch_size=64, device="cuda", channels_last=False), dataset=digits)
     conv = next(m for m in last.model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -97,42 +87,24 @@ def test_channels_last_on_the_gpu_trains_as_the_default_layout(digits):
     x, _ = next(iter(last.test.batches(16)))
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
     # the same fp32 arithmetic in another order (cuDNN picks other kernels): ~1e-6 per step
-    assert _steps(last, 4) == pytest.approx(_steps(plain, 4), rel=1e-4)
+    assert step_losses(last, 4) == pytest.approx(step_losses(plain, 4), rel=1e-4)
 
 
 @pytest.mark.cuda
-def test_compiled_run_on_the_gpu_agrees_with_eager(digits):
-    import torch._dynamo
-
+def test_compiled_run_on_the_gpu_agrees_with_eager(digits, compiled_agrees):
     eager = build(TrainConfig(**COMMON, batch_size=64, micro_batch=32, device="cuda"), dataset=digits)
     compiled = build(
         TrainConfig(**COMMON, batch_size=64, micro_batch=32, device="cuda", compile=True), dataset=digits
     )
-    try:
-        a, b = _steps(eager, 4), _steps(compiled, 4)
-    finally:
-        torch._dynamo.reset()
-    # the compiler fuses and reorders fp32 arithmetic: ~1e-6 relative per step, compounded
-    assert b == pytest.approx(a, rel=1e-4)
-    for p, q in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+    compiled_agrees(eager, compiled, 4)
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_run_agrees_with_eager(digits):
-    import torch._dynamo
-
+def test_cuda_graphs_run_agrees_with_eager(digits, compiled_agrees):
     common = dict(**COMMON, batch_size=64, micro_batch=64, drop_last=True, device="cuda")
     eager = build(TrainConfig(**common), dataset=digits)
     graphs = build(TrainConfig(**common, cuda_graphs=True), dataset=digits)
-    try:
-        a, b = _steps(eager, 6), _steps(graphs, 6)
-    finally:
-        torch._dynamo.reset()
-    # compiled fp32 arithmetic, replayed: as test_compiled_run_on_the_gpu_agrees_with_eager
-    assert b == pytest.approx(a, rel=1e-4)
-    for p, q in zip(eager.model.parameters(), graphs.model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+    compiled_agrees(eager, graphs, 6)  # compiled fp32 arithmetic, replayed
 
 
 @pytest.mark.cuda

@@ -89,12 +89,14 @@ def test_two_gloo_processes_end_with_the_single_process_weights(tmp_path):
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(dataset="digits", precision="fp64", deterministic=True)
+MLP = dict(model="mlp", norm="none")
+# what the BN convnet scenarios share
+CONVNET_BN = dict(model="convnet", norm="bn", batch_size=64, micro_batch=16, lr=0.1, eval_every=0.5)
 SCENARIOS = {
     # 1437 examples, drop_last: 22 windows of 64, i.e. 4 micro-batches of 16 in one process and
     # 2 per rank in two: the same micro-batches, so the same online noise-scale series
     "noise": dict(
-        model="mlp",
-        norm="none",
+        MLP,
         batch_size=64,
         micro_batch=16,
         drop_last=True,
@@ -104,50 +106,16 @@ SCENARIOS = {
         eval_every=0.25,
     ),
     # BN: each rank normalizes its micro-batches of 16, i.e. ghost BN of 16 in one process
-    "bn": dict(
-        model="convnet",
-        norm="bn",
-        batch_size=64,
-        micro_batch=16,
-        drop_last=True,
-        epochs=1,
-        lr=0.1,
-        eval_every=0.5,
-    ),
+    "bn": dict(CONVNET_BN, drop_last=True, epochs=1),
     # --sync-bn: every global micro-batch of 2 x 16 is normalized as one, as one process does
     # with micro-batches of 32; the short last window (29: shares 15 and 14) included
-    "sync_bn": dict(
-        model="convnet",
-        norm="bn",
-        batch_size=64,
-        micro_batch=16,
-        epochs=1,
-        lr=0.1,
-        sync_bn=True,
-        eval_every=0.5,
-    ),
+    "sync_bn": dict(CONVNET_BN, epochs=1, sync_bn=True),
     # 1437 = 359 x 4 + 1: the last window has one example, so rank 1's share is empty
-    "empty_share": dict(model="mlp", norm="none", batch_size=4, micro_batch=2, epochs=1, lr=0.05),
+    "empty_share": dict(MLP, batch_size=4, micro_batch=2, epochs=1, lr=0.05),
     "until_loss": dict(
-        model="mlp",
-        norm="none",
-        batch_size=64,
-        micro_batch=32,
-        epochs=20,
-        lr=0.2,
-        until_train_loss=0.3,
-        eval_every=0.5,
+        MLP, batch_size=64, micro_batch=32, epochs=20, lr=0.2, until_train_loss=0.3, eval_every=0.5
     ),
-    "resume": dict(
-        model="convnet",
-        norm="bn",
-        batch_size=64,
-        micro_batch=16,
-        epochs=2,
-        lr=0.1,
-        momentum=0.9,
-        eval_every=0.5,
-    ),
+    "resume": dict(CONVNET_BN, epochs=2, momentum=0.9),
 }
 
 

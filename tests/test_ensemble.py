@@ -35,17 +35,9 @@ from sharp.train import TIMING_KEYS, train
 TOL = 1e-10
 # digits (8x8, one channel): 60 training images, so B = 16 ends each epoch with a short window
 # of 12; micro-batches of 8 (accumulation) and BN ghost groups of 4
+TINY_DIGITS = dict(dataset="digits", train_subset=60, eval_train_size=30, test_subset=20)
 TINY = dict(
-    dataset="digits",
-    train_subset=60,
-    eval_train_size=30,
-    test_subset=20,
-    batch_size=16,
-    micro_batch=8,
-    epochs=2,
-    eval_every=0.5,
-    precision="fp64",
-    deterministic=True,
+    TINY_DIGITS, batch_size=16, micro_batch=8, epochs=2, eval_every=0.5, precision="fp64", deterministic=True
 )
 CONVNET_BN = dict(TINY, model="convnet", width=0.5, norm="bn", bn_batch=4, augment=True, momentum=0.9)
 # three members: other seeds (data order, augmentation, init), learning rates, weight decays

@@ -233,21 +233,16 @@ def exact_cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     return {"g2": float(g @ g), "trace_sigma": trace, "b_simple": trace / float(g @ g)}
 
 
+def _noise_run(**settings) -> TrainConfig:
+    """A run of the MLP on unaugmented digits that logs the online noise scale, with `settings`."""
+    return TrainConfig(dataset="digits", model="mlp", augment=False, noise_scale=True, **settings)
+
+
 def test_trainer_online_estimate_agrees_with_the_direct_one(tmp_path, digits):
     # lr 1e-12: the parameters stay put, so every step measures the same point.
     # 1,437 examples in windows of 60 (micro-batches 16, 16, 16, 12) and a last one of 57.
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        augment=False,
-        batch_size=60,
-        micro_batch=16,
-        epochs=9,
-        eval_every=3,
-        precision="fp64",
-        lr=1e-12,
-        noise_scale=True,
+    cfg = _noise_run(
+        norm="none", batch_size=60, micro_batch=16, epochs=9, eval_every=3, precision="fp64", lr=1e-12
     )
     train(cfg, tmp_path / "run", dataset=digits, progress_bar=False)
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -275,18 +270,8 @@ def test_trainer_online_estimate_agrees_with_the_direct_one(tmp_path, digits):
 
 
 def test_noise_scale_state_resumes_exactly(tmp_path, monkeypatch, digits):
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        augment=False,
-        batch_size=100,
-        micro_batch=25,
-        epochs=2,
-        eval_every=0.5,
-        momentum=0.9,
-        lr=0.05,
-        noise_scale=True,
-        deterministic=True,
+    cfg = _noise_run(
+        batch_size=100, micro_batch=25, epochs=2, eval_every=0.5, momentum=0.9, lr=0.05, deterministic=True
     )
     train(cfg, tmp_path / "full", dataset=digits, progress_bar=False)
 

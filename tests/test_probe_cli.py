@@ -26,6 +26,13 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def interp_record(first, second, out, *options):
+    """`sharp interp FIRST SECOND OPTIONS --out OUT`, which must succeed; its interp.json."""
+    result = invoke("interp", first, second, *options, "--out", out)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "interp.json").read_text())
+
+
 def final_model_and_probe_set(run, n, dtype=torch.float64):
     """The run's final model and its probe set (seeded balanced subset of the training split),
     rebuilt here from the dataset and config without sharp.probe_runs."""
@@ -172,21 +179,9 @@ def test_probe_refuses_what_is_not_a_finished_run(tmp_path, runs):
 
 def test_interp_between_two_runs(runs, tmp_path):
     out = tmp_path / "interp"
-    result = invoke(
-        "interp",
-        runs / "sb",
-        runs / "lb",
-        "--alphas",
-        "-1:2:7",
-        "--bn",
-        "a",
-        "--train-set",
-        "300",
-        "--out",
-        out,
+    record = interp_record(
+        runs / "sb", runs / "lb", out, "--alphas", "-1:2:7", "--bn", "a", "--train-set", "300"
     )
-    assert result.exit_code == 0, result.output
-    record = json.loads((out / "interp.json").read_text())
     assert record["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0]
     # endpoints: the trainer's own final evaluation of each run on the whole test split
     assert record["test_acc"][2] == pytest.approx(RunDir(runs / "sb").status()["test_acc"])
@@ -485,10 +480,10 @@ def test_probe_honours_the_runs_loss_and_torch_settings(runs, tmp_path):
 
 
 def test_interp_sine_path_and_batch_statistics(runs, bn_runs, tmp_path):
-    result = invoke(
-        "interp",
+    record = interp_record(
         runs / "sb",
         runs / "lb",
+        tmp_path / "sin",
         "--alphas",
         "0,0.5,1",
         "--path",
@@ -497,19 +492,15 @@ def test_interp_sine_path_and_batch_statistics(runs, bn_runs, tmp_path):
         "a",
         "--train-set",
         "300",
-        "--out",
-        tmp_path / "sin",
     )
-    assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "sin" / "interp.json").read_text())
     assert record["path"] == "sin"
     # the endpoints are the two solutions: the trainer's own final test evaluation of each
     assert record["test_acc"][0] == pytest.approx(RunDir(runs / "sb").status()["test_acc"], abs=1e-12)
     assert record["test_acc"][2] == pytest.approx(RunDir(runs / "lb").status()["test_acc"], abs=1e-12)
-    result = invoke(
-        "interp",
+    record = interp_record(
         bn_runs / "sb",
         bn_runs / "lb",
+        tmp_path / "rec",
         "--alphas",
         "0,1",
         "--bn",
@@ -518,20 +509,16 @@ def test_interp_sine_path_and_batch_statistics(runs, bn_runs, tmp_path):
         "100",
         "--precision",
         "fp64",
-        "--out",
-        tmp_path / "rec",
     )
-    assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "rec" / "interp.json").read_text())
     model, batches = final_model_and_probe_set(bn_runs / "sb", 100)
     _, split = final_model_and_probe_set(bn_runs / "sb", DIGITS_TRAIN)
     recompute_bn_statistics(model, split)
     assert record["train_loss"][0] == pytest.approx(mean_loss_of(model, batches), rel=1e-12)
     assert record["provenance"]["bn_set"] == DIGITS_TRAIN
-    result = invoke(
-        "interp",
+    record = interp_record(
         bn_runs / "sb",
         bn_runs / "lb",
+        tmp_path / "batch",
         "--alphas",
         "0,1",
         "--bn",
@@ -540,11 +527,7 @@ def test_interp_sine_path_and_batch_statistics(runs, bn_runs, tmp_path):
         "50",
         "--train-set",
         "100",
-        "--out",
-        tmp_path / "batch",
     )
-    assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "batch" / "interp.json").read_text())
     assert record["bn"] == "batch" and record["bn_settings"]["groups"] == 2
     bad = invoke("interp", runs / "sb", runs / "lb", "--path", "arc", "--out", tmp_path / "x")
     assert bad.exit_code == 2 and "--path 'arc' is unknown" in bad.output

@@ -92,14 +92,9 @@ def _gradient(w, x, y, n):
 
 
 @pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
-def test_training_step_is_the_closed_form(digits, adaptive, m):
+def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     lr, rho = 0.1, 0.05
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        loss="mse",
-        precision="fp64",
+    cfg = exact_config(
         batch_size=48,
         micro_batch=16,
         lr=lr,
@@ -131,14 +126,11 @@ def test_training_step_is_the_closed_form(digits, adaptive, m):
 
 
 @pytest.mark.parametrize("m", [None, 4])
-def test_sam_is_exact_under_accumulation(tmp_path, digits, m):
+def test_sam_is_exact_under_accumulation(tmp_path, digits, digits_config, m):
     # 1437 examples in windows of 60: micro-batches 16,16,16,12 (and 4 groups of 4 each), and a
     # short last window of 57 (16,16,16,9: groups ..., 4, 4, 1), the same groups as one batch of 60
     def final(name, micro):
-        cfg = TrainConfig(
-            dataset="digits",
-            model="mlp",
-            norm="none",
+        cfg = digits_config(
             precision="fp64",
             batch_size=60,
             micro_batch=micro,

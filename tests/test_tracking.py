@@ -53,15 +53,10 @@ def _stack(batches):
     ],
 )
 def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(
-    monkeypatch, digits, tol, batch, micro, track_set
+    monkeypatch, digits, exact_config, tol, batch, micro, track_set
 ):
     monkeypatch.setattr(training, "build_model", _linear)
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        loss="mse",
-        precision="fp64",
+    cfg = exact_config(
         batch_size=batch,
         micro_batch=micro,
         lr=0.05,
@@ -105,13 +100,9 @@ def test_on_a_quadratic_loss_every_tracked_point_matches_the_closed_form(
     assert [r["start"] for r in rows] == ["cold"] + ["warm"] * 4
 
 
-def test_warm_started_lanczos_agrees_with_a_cold_start_in_fewer_hvps(digits):
-    cfg = TrainConfig(
-        dataset="digits",
+def test_warm_started_lanczos_agrees_with_a_cold_start_in_fewer_hvps(digits, exact_config):
+    cfg = exact_config(
         model="fc-tanh",
-        norm="none",
-        loss="mse",
-        precision="fp64",
         batch_size=256,
         lr=0.1,
         track_sharpness=5,
@@ -203,13 +194,9 @@ def test_squared_loss_of_the_tracking_probe_is_the_mean_half_squared_distance(di
     assert probe.loss() == pytest.approx(float(squared_loss(model(x), y).detach()), rel=1e-12)
 
 
-def test_a_full_batch_run_takes_one_step_of_plain_gradient_descent(tmp_path, digits):
-    cfg = TrainConfig(
-        dataset="digits",
+def test_a_full_batch_run_takes_one_step_of_plain_gradient_descent(tmp_path, digits, exact_config):
+    cfg = exact_config(
         model="fc-tanh",
-        norm="none",
-        loss="mse",
-        precision="fp64",
         batch_size=1437,  # the whole training split, as 500 + 500 + 437
         micro_batch=500,
         lr=0.3,

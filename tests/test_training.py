@@ -26,29 +26,18 @@ from sharp.train import (
     optimizer_options,
     plateaued,
     train,
-    train_step,
 )
 
 F64 = torch.float64
 
 
-def _steps(t, count):
-    """The losses of the first `count` optimizer steps of a built run, as floats."""
-    windows = t.train_loader.windows(0, t.cfg.batch_size, t.cfg.micro_batch or t.cfg.batch_size)
-    losses = []
-    for _ in range(count):
-        result = train_step(t, next(windows), t.schedule(0))
-        losses.append(float(result.loss_sum) / result.count)
-    return losses
-
-
-def test_bf16_autocast_tracks_fp32_and_really_computes_in_bf16(synthetic):
+def test_bf16_autocast_tracks_fp32_and_really_computes_in_bf16(synthetic, step_losses):
     common = dict(dataset="synthetic", model="convnet", batch_size=32, lr=0.05, augment=False)
     fp32 = build(TrainConfig(**common), dataset=synthetic)
     bf16 = build(TrainConfig(**common, precision="bf16"), dataset=synthetic)
     seen = []
     bf16.model.fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    reference, ours = _steps(fp32, 5), _steps(bf16, 5)
+    reference, ours = step_losses(fp32, 5), step_losses(bf16, 5)
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # autocast is really on
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2 % per operation); over 5 steps
@@ -69,25 +58,15 @@ def _compiler_works() -> bool:
         torch._dynamo.reset()
 
 
-def test_compiled_and_eager_runs_agree(digits):
+def test_compiled_and_eager_runs_agree(digits, compiled_agrees):
     if not _compiler_works():
         pytest.skip("torch.compile does not work on this machine")
-    import torch._dynamo
-
     common = dict(
         dataset="digits", model="mlp", width=0.5, batch_size=64, micro_batch=32, lr=0.1, momentum=0.9
     )
     eager = build(TrainConfig(**common), dataset=digits)
     compiled = build(TrainConfig(**common, compile=True), dataset=digits)
-    try:
-        a, b = _steps(eager, 4), _steps(compiled, 4)
-    finally:
-        torch._dynamo.reset()
-    # the compiler fuses and reorders fp32 arithmetic: agreement to ~1e-6 relative per step,
-    # compounded over 4 steps; 1e-4 leaves room and still catches a wrong kernel
-    assert b == pytest.approx(a, rel=1e-4)
-    for p, q in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+    compiled_agrees(eager, compiled, 4)
     assert not any(k.startswith("_orig_mod") for k in compiled.model.state_dict())
 
 
@@ -135,18 +114,8 @@ def test_plateau_rule_on_a_known_curve():
     assert not any(plateaued(Cursor(), loss, 3, 0.01) for loss in [1.0, 0.9, 0.8, 0.7])
 
 
-def test_until_plateau_stops_where_the_rule_says(tmp_path, digits):
-    cfg = TrainConfig(
-        dataset="digits",
-        model="mlp",
-        norm="none",
-        batch_size=256,
-        lr=0.5,
-        epochs=60,
-        eval_every=0.5,
-        until_plateau=2,
-        plateau_tol=0.05,
-    )
+def test_until_plateau_stops_where_the_rule_says(tmp_path, digits, digits_config):
+    cfg = digits_config(batch_size=256, lr=0.5, epochs=60, eval_every=0.5, until_plateau=2, plateau_tol=0.05)
     train(cfg, tmp_path / "p", dataset=digits, progress_bar=False)
     losses = [m["eval_train_loss"] for m in read_jsonl(tmp_path / "p" / "metrics.jsonl")]
     cursor = Cursor()
@@ -185,14 +154,9 @@ def test_squared_loss_is_half_the_squared_distance_to_the_one_hot_target():
 
 
 @pytest.mark.parametrize(("batch", "micro"), [(64, 16), (60, 16)])
-def test_squared_loss_accumulates_exactly(tmp_path, digits, batch, micro):
+def test_squared_loss_accumulates_exactly(tmp_path, digits, exact_config, batch, micro):
     def final(name, micro_batch):
-        cfg = TrainConfig(
-            dataset="digits",
-            model="mlp",
-            norm="none",
-            loss="mse",
-            precision="fp64",
+        cfg = exact_config(
             batch_size=batch,
             micro_batch=micro_batch,
             epochs=1,
