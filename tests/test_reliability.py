@@ -383,6 +383,7 @@ NON_DEFAULT = {
     "track_sharpness": 3,
     "track_set": "64",
     "track_bn_mode": "eval",
+    "input_scaling": "unit",
 }
 NOT_SET = {
     "data_root": "cifar only",
