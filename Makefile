@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # reruns every paper_repro spec at cpu scale into repro/ and copies its report, figures and
 # CSVs into figures/SPEC/ (runs already finished are skipped).
 CIFAR ?= data/cifar10-jpeg
-SPECS ?= keskar masters-luschi accumulation noise-scale generalization-measures
+SPECS ?= keskar keskar-ablation masters-luschi accumulation noise-scale noise-scale-edge edge-of-stability sam generalization-measures
 
 venv: $(STAMP)
 
