@@ -47,6 +47,7 @@ class EdgeSummary:
     batch_size: int
     lr: float | None
     momentum: float
+    schedule: str  # the learning-rate schedule: the threshold follows a decaying rate
     full_batch: bool
     stability_threshold: float  # at the first tracked step
     points: int
@@ -99,6 +100,7 @@ def edge_summary(run: RunRecord) -> EdgeSummary | None:
         batch_size=run.batch_size,
         lr=run.lr,
         momentum=float(run.settings.get("momentum") or 0.0),
+        schedule=str(run.settings.get("schedule") or "constant"),
         full_batch=bool(run.n_train) and run.batch_size >= run.n_train,
         stability_threshold=float(rows[0]["stability_threshold"]),
         points=len(rows),
@@ -119,7 +121,8 @@ def edge_summary(run: RunRecord) -> EdgeSummary | None:
 def _run_title(s: EdgeSummary) -> str:
     kind = "GD (full batch)" if s.full_batch else f"SGD B={s.batch_size}"
     momentum = f", β={s.momentum:g}" if s.momentum else ""
-    return f"{kind}, η={s.lr:g}{momentum}" if s.lr is not None else kind
+    schedule = f", {s.schedule} schedule" if s.schedule != "constant" else ""
+    return f"{kind}, η={s.lr:g}{momentum}{schedule}" if s.lr is not None else kind
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
