@@ -383,6 +383,9 @@ def load_dataset(spec: str, data_root: str | Path = "data", download: bool = Fal
     )
 
 
+EVALUATION_ORDER_STREAM = 7  # epoch_seed stream of the evaluation order (the epoch loader uses others)
+
+
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices of a seeded, class-balanced subset of `n` examples, in ascending order.
 
@@ -404,6 +407,23 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     key = rank * len(classes) + class_position
     chosen = order[torch.argsort(key)[:n]]
     return torch.sort(chosen).values
+
+
+def evaluation_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """`balanced_subset(labels, n, seed)` (every example when `n` is None or covers them) in a
+    seeded random order, for every set that is read in batches to evaluate or probe a model.
+
+    Where BN normalizes with batch statistics (Keskar et al.'s nets, `--bn-mode batch`,
+    train-mode tracking) a batch's result depends on which examples share it, and a `folder:`
+    dataset stores its images class by class: read in index order, a batch of 500 CIFAR-10
+    test images holds two or three classes. A random order mixes the classes in every batch,
+    as the binary CIFAR files do. Running-statistics BN and norm-free nets are per example,
+    so the order moves their results only by the rounding of the sums.
+    """
+    whole = n is None or n >= len(labels)
+    index = torch.arange(len(labels)) if whole else balanced_subset(labels, n, seed)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, EVALUATION_ORDER_STREAM))
+    return index[torch.randperm(len(index), generator=generator)]
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

@@ -17,7 +17,14 @@ from torch import nn
 
 from sharp import __version__, runtime
 from sharp.config import ProbeConfig, parse_positive_list
-from sharp.data import Dataset, DeviceLoader, balanced_subset, input_normalization, load_dataset
+from sharp.data import (
+    Dataset,
+    DeviceLoader,
+    balanced_subset,
+    evaluation_subset,
+    input_normalization,
+    load_dataset,
+)
 from sharp.errors import SharpError
 from sharp.losses import mean_loss
 from sharp.models import build_model
@@ -107,16 +114,16 @@ class RunData:
     def loader(
         self, split: str, n: int | None, seed: int, device: torch.device, dtype: torch.dtype
     ) -> DeviceLoader:
-        """A seeded class-balanced subset of the run's training split (or the test split), unaugmented,
-        scaled as the run's training saw it (`--input-scaling`)."""
+        """A seeded class-balanced subset of the run's training split (or the test split) in a seeded
+        random order (`evaluation_subset`), unaugmented, scaled as the run's training saw it
+        (`--input-scaling`)."""
         data = self.dataset
         if split == "train":
             images, labels = data.train_images[self.train_index], data.train_labels[self.train_index]
         else:
             images, labels = data.test_images, data.test_labels
-        if n is not None and n < len(labels):
-            chosen = balanced_subset(labels, n, seed)
-            images, labels = images[chosen], labels[chosen]
+        chosen = evaluation_subset(labels, n, seed)
+        images, labels = images[chosen], labels[chosen]
         mean, std = input_normalization(data, self.settings.get("input_scaling", "standardize"))
         return DeviceLoader(images, labels, mean, std, device=device, dtype=dtype)
 

@@ -43,6 +43,7 @@ from sharp.data import (
     balanced_subset,
     dataset_label,
     epoch_seed,
+    evaluation_subset,
     input_normalization,
     load_dataset,
     steps_per_epoch,
@@ -314,11 +315,9 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
         share_micro_batches=cfg.sync_bn,
         **loader_args,
     )
-    eval_index = balanced_subset(train_labels, cfg.eval_train_size, cfg.data_seed + 1)
+    eval_index = evaluation_subset(train_labels, cfg.eval_train_size, cfg.data_seed + 1)
     eval_train = DeviceLoader(train_images[eval_index], train_labels[eval_index], mean, std, **loader_args)
-    test_index = balanced_subset(
-        data.test_labels, cfg.test_subset or len(data.test_labels), cfg.data_seed + 2
-    )
+    test_index = evaluation_subset(data.test_labels, cfg.test_subset, cfg.data_seed + 2)
     test = DeviceLoader(data.test_images[test_index], data.test_labels[test_index], mean, std, **loader_args)
 
     tracker = None
@@ -332,11 +331,9 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, dist: Distributed | 
             raise SharpError(
                 f"--track-set {size} exceeds the {len(train_labels)} training images: lower it or use full"
             )
-        track_index = balanced_subset(
-            train_labels, size or len(train_labels), cfg.data_seed + TRACK_SET_SEED_OFFSET
-        )
+        track_index = evaluation_subset(train_labels, size, cfg.data_seed + TRACK_SET_SEED_OFFSET)
         tracking_set = DeviceLoader(
-            train_images[track_index], train_labels[track_index], data.mean, data.std, **loader_args
+            train_images[track_index], train_labels[track_index], mean, std, **loader_args
         )
         tracker = SharpnessTracker(
             cfg.track_sharpness,

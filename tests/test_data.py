@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sharp import data as data_module
-from sharp.data import DeviceLoader, balanced_subset, load_cifar, load_dataset, load_folder
+from sharp.data import DeviceLoader, balanced_subset, evaluation_subset, load_cifar, load_dataset, load_folder
 from sharp.errors import SharpError
 
 
@@ -213,6 +213,21 @@ def test_balanced_subset_is_balanced_seeded_and_sorted(digits):
     assert not torch.equal(subset, balanced_subset(digits.train_labels, 203, seed=4))
     assert torch.equal(subset, torch.sort(subset).values)
     assert len(torch.unique(subset)) == 203
+
+
+def test_evaluation_sets_mix_the_classes_of_a_dataset_stored_class_by_class():
+    labels = torch.arange(10).repeat_interleave(100)  # a folder dataset's order: class by class
+    subset = evaluation_subset(labels, 500, seed=2)
+    # the same examples as the balanced subset, in another order, the same for the same seed
+    assert torch.equal(torch.sort(subset).values, balanced_subset(labels, 500, seed=2))
+    assert torch.equal(subset, evaluation_subset(labels, 500, seed=2))
+    assert not torch.equal(subset, torch.sort(subset).values)
+    # every batch of 50 (Keskar's 10% BN groups) holds most classes; in index order each holds one
+    assert min(len(torch.unique(labels[batch])) for batch in subset.split(50)) >= 8
+    assert max(len(torch.unique(labels[batch])) for batch in balanced_subset(labels, 500, 2).split(50)) == 1
+    whole = evaluation_subset(labels, None, seed=0)  # no subset: every example, mixed
+    assert torch.equal(torch.sort(whole).values, torch.arange(1000))
+    assert len(torch.unique(labels[whole[:100]])) == 10
 
 
 def test_balanced_subset_when_a_class_is_short():

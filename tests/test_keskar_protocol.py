@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sharp.config import TrainConfig
-from sharp.data import CIFAR10_CLASSES, CIFAR100_CLASSES, Dataset, balanced_subset, dataset_label
+from sharp.data import CIFAR10_CLASSES, CIFAR100_CLASSES, Dataset, dataset_label, evaluation_subset
 from sharp.errors import SharpError
 from sharp.probe_runs import RunData
 from sharp.repro import ReproSpec, run_repro
@@ -28,7 +28,7 @@ def _probe_images(run: Path, dataset: Dataset, n: int, seed: int) -> tuple[torch
     data = RunData.open(run, dataset=dataset)
     loader = data.loader("train", n, seed, torch.device("cpu"), F64)
     probed = torch.cat([x for x, _ in loader.batches(64)])
-    chosen = data.train_index[balanced_subset(dataset.train_labels[data.train_index], n, seed)]
+    chosen = data.train_index[evaluation_subset(dataset.train_labels[data.train_index], n, seed)]
     return probed, dataset.train_images[chosen]
 
 

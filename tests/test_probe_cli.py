@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from sharp.cli import cli
-from sharp.data import balanced_subset, load_digits
+from sharp.data import evaluation_subset, load_digits
 from sharp.losses import squared_loss
 from sharp.models import build_model
 from sharp.probes import hessian_top_eigenvalues
@@ -44,7 +44,7 @@ def final_model_and_probe_set(run, n, dtype=torch.float64):
     )
     model.load_state_dict(torch.load(run / "final.pt", weights_only=True))
     model = model.to(dtype).eval()
-    index = balanced_subset(data.train_labels, n, 0)
+    index = evaluation_subset(data.train_labels, n, 0)
     mean = torch.tensor(data.mean, dtype=dtype).view(1, -1, 1, 1)
     std = torch.tensor(data.std, dtype=dtype).view(1, -1, 1, 1)
     images = (data.train_images[index].to(dtype) / 255 - mean) / std
