@@ -383,9 +383,6 @@ def load_dataset(spec: str, data_root: str | Path = "data", download: bool = Fal
     )
 
 
-EVALUATION_ORDER_STREAM = 7  # epoch_seed stream of the evaluation order (the epoch loader uses others)
-
-
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices of a seeded, class-balanced subset of `n` examples, in ascending order.
 
@@ -409,6 +406,9 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.sort(chosen).values
 
 
+EVALUATION_ORDER_STREAM = 7  # epoch_seed stream of the evaluation order (the epoch loader uses others)
+
+
 def evaluation_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
     """`balanced_subset(labels, n, seed)` (every example when `n` is None or covers them) in a
     seeded random order, for every set that is read in batches to evaluate or probe a model.
@@ -420,8 +420,7 @@ def evaluation_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.T
     as the binary CIFAR files do. Running-statistics BN and norm-free nets are per example,
     so the order moves their results only by the rounding of the sums.
     """
-    whole = n is None or n >= len(labels)
-    index = torch.arange(len(labels)) if whole else balanced_subset(labels, n, seed)
+    index = torch.arange(len(labels)) if n is None else balanced_subset(labels, n, seed)
     generator = torch.Generator().manual_seed(epoch_seed(seed, 0, EVALUATION_ORDER_STREAM))
     return index[torch.randperm(len(index), generator=generator)]
 
