@@ -12,23 +12,26 @@ from the launcher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import os
+import signal
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
 from sharp.config import ProbeConfig, TrainConfig, make_config, read_table
-from sharp.errors import SharpError
+from sharp.errors import Interrupted, SharpError
 from sharp.fileio import atomic_write_json, read_json
+from sharp.signals import StopSignals, listen_as_pool_worker, pool_worker_stop_asked
 
 SHORT_NAMES = {
     "batch_size": "B",
@@ -239,8 +242,8 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
             states.append(execute_run(*job))
             echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
         return states
-    with worker_pool(workers) as pool:
-        futures = [pool.submit(execute_run, *job) for job in jobs]
+    with StopSignals(on_signal=_forward_to_workers) as stop, worker_pool(workers) as pool:
+        futures = [pool.submit(_pool_job, *job) for job in jobs]
         states = []
         for index, (job, future) in enumerate(zip(jobs, futures, strict=True), 1):
             try:
@@ -248,7 +251,30 @@ def _run_local(jobs: list[tuple], workers: int, echo: Callable[[str], None]) -> 
             except BrokenProcessPool:  # a worker died (killed, out of memory): the pool stops
                 states.append("lost")
             echo(f"[{index}/{len(jobs)}] {job_name(job)}: {states[-1]}")
-        return states
+    if stop.requested:
+        stopped = sum(s in ("interrupted", "not started") for s in states)
+        raise Interrupted(
+            f"stopped by a signal ({stopped} runs interrupted or not started, checkpoints saved);"
+            " run the same command again to continue"
+        )
+    return states
+
+
+def _forward_to_workers(signum: int) -> None:
+    """Pass a stop on to every worker of the pool, as SIGTERM (`sharp.signals`)."""
+    for child in active_children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)
+
+
+def _pool_job(*job: Any) -> str:
+    """`execute_run` in a pool worker; once a stop has reached the worker, it starts no run."""
+    if pool_worker_stop_asked():
+        return "not started"
+    try:
+        return execute_run(*job)
+    except KeyboardInterrupt:  # the run recorded it (interrupted) with its checkpoint
+        return "interrupted"
 
 
 def job_name(job: tuple) -> str:
@@ -286,6 +312,7 @@ def visible_gpus() -> list[str]:
 
 
 def _start_worker(threads: int, slots: Any) -> None:
+    listen_as_pool_worker()
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu

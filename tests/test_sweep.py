@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,42 +231,86 @@ seed = [0, 1, 2, 3]
 """
 
 
-def test_a_sweep_whose_worker_is_killed_finishes_bit_identical_when_run_again(tmp_path):
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
+def sweep_command(spec, out):
+    """`sharp sweep SPEC` on two worker processes, in a process of its own."""
+    return [sys.executable, "-m", "sharp", "sweep", str(spec), "--workers", "2", "--out", str(out)]
 
-    spec = tmp_path / "spec.toml"
+
+@pytest.fixture(scope="module")
+def clean_sweep(tmp_path_factory):
+    """KILL_SPEC's four runs swept once without interruption, to compare stopped sweeps against."""
+    folder = tmp_path_factory.mktemp("clean")
+    spec = folder / "spec.toml"
     spec.write_text(KILL_SPEC)
-    command = [sys.executable, "-m", "sharp", "sweep", str(spec), "--workers", "2", "--out"]
-    clean = subprocess.run([*command, str(tmp_path / "clean")], capture_output=True, text=True)
+    clean = subprocess.run(sweep_command(spec, folder / "sweep"), capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
+    return spec, folder / "sweep"
 
-    cut = tmp_path / "cut"
-    sweep = subprocess.Popen([*command, str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = None
-    while sweep.poll() is None and victim is None:  # a run in mid-training, and its worker's pid
+
+def _start_until_mid_training(spec, cut):
+    """Start the sweep into `cut`; return it and {run: its worker's pid} once a run is in mid-training."""
+    sweep = subprocess.Popen(
+        sweep_command(spec, cut), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    writers = {}
+    while sweep.poll() is None and not writers:
         for run in (cut / "runs").glob("*") if (cut / "runs").is_dir() else []:
             lines = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
             if 2 <= lines < 5 and (run / "run.lock").exists():
-                with contextlib.suppress(ValueError, KeyError):
-                    victim = json.loads((run / "run.lock").read_text())["pid"]
+                with contextlib.suppress(ValueError, KeyError, FileNotFoundError):
+                    writers[run.name] = json.loads((run / "run.lock").read_text())["pid"]
         time.sleep(0.005)
-    assert victim is not None and victim != sweep.pid, "no run was caught in mid-training"
-    os.kill(victim, signal.SIGKILL)
-    stdout, stderr = sweep.communicate(timeout=300)
-    assert sweep.returncode == 1 and "lost" in stdout and "Traceback" not in stderr, stdout + stderr
+    assert writers and sweep.pid not in writers.values(), "no run was caught in mid-training"
+    return sweep, writers
 
-    again = subprocess.run([*command, str(cut)], capture_output=True, text=True)
+
+def _finishes_bit_identical_when_run_again(spec, clean, cut):
+    again = subprocess.run(sweep_command(spec, cut), capture_output=True, text=True)
     assert again.returncode == 0 and "4 finished" in again.stdout, again.stdout + again.stderr
-    names = sorted(p.name for p in (tmp_path / "clean" / "runs").iterdir())
+    names = sorted(p.name for p in (clean / "runs").iterdir())
     assert names == sorted(p.name for p in (cut / "runs").iterdir()) and len(names) == 4
     for name in names:
-        a = torch.load(tmp_path / "clean" / "runs" / name / "final.pt", weights_only=True)
+        a = torch.load(clean / "runs" / name / "final.pt", weights_only=True)
         b = torch.load(cut / "runs" / name / "final.pt", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _alive(pid):
+    """Whether process `pid` exists and is not a zombie (Linux's /proc)."""
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def test_a_sweep_whose_worker_is_killed_finishes_bit_identical_when_run_again(tmp_path, clean_sweep):
+    spec, clean = clean_sweep
+    sweep, writers = _start_until_mid_training(spec, tmp_path / "cut")
+    os.kill(next(iter(writers.values())), signal.SIGKILL)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 1 and "lost" in stdout and "Traceback" not in stderr, stdout + stderr
+    _finishes_bit_identical_when_run_again(spec, clean, tmp_path / "cut")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker states from /proc")
+def test_a_sigterm_to_the_sweep_stops_its_workers_after_a_step_and_the_rerun_is_bit_identical(
+    tmp_path, clean_sweep
+):
+    spec, clean = clean_sweep
+    cut = tmp_path / "cut"
+    sweep, writers = _start_until_mid_training(spec, cut)
+    sweep.send_signal(signal.SIGTERM)  # to the sweep's own process only, as a scheduler or `kill` does
+    stdout, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "stopped by a signal" in stderr, stdout + stderr
+    assert "Traceback" not in stderr and "not started" in stdout, stdout + stderr
+    assert not any(_alive(pid) for pid in writers.values())  # no worker trains on, orphaned
+    for name in writers:
+        status = RunDir(cut / "runs" / name).status()
+        if status["state"] != "finished":  # caught in mid-training: saved after a whole step
+            assert status["state"] == "interrupted" and "after a whole step" in status["reason"], status
+            last = torch.load(cut / "runs" / name / "checkpoints" / "last.pt", weights_only=True)
+            assert last["progress"]["step"] == status["step"]
+    _finishes_bit_identical_when_run_again(spec, clean, cut)
 
 
 def test_a_run_another_process_writes_is_left_alone_as_busy(tmp_path):
