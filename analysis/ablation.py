@@ -22,6 +22,7 @@ from analysis.tables import (
     DASH,
     KESKAR_2017,
     TABLE_EPS,
+    bn_mode_text,
     final_accuracy,
     final_bn_modes,
     final_probe,
@@ -198,6 +199,13 @@ def _family_rows(family: Family, sb_batch: int, lb_batch: int) -> tuple[list[lis
         csv.append(row.csv("test_acc", _mean_n(accuracy["SB"]), _mean_n(accuracy["LB"]), gap=gap))
         gap_text = DASH if gap is None else f"{gap:.2f}"
         rows.append(
-            [network, family.stopping, BN_MODE_TEXT[mode], *cells, gap_text, f"{len(sb)} / {len(lb)}"]
+            [
+                network,
+                family.stopping,
+                bn_mode_text(sb + lb, mode),
+                *cells,
+                gap_text,
+                f"{len(sb)} / {len(lb)}",
+            ]
         )
     return rows, csv

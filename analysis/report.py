@@ -748,15 +748,16 @@ def build_report(
     sb_batch: int | None = None,
     lb_batch: int | None = None,
     figures: Iterable[str] | None = None,
+    keskar_section: bool = True,
 ) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png/.csv: Keskar et al. 2017's Tables 2-4 (when
-    two or more batch sizes have sharpness probes) and every figure the runs support, decided from
-    the data (figures without data are listed as not drawn, never an error), then each run's
-    settings and the probe set and BN mode of every probe. `interpolations` are `sharp interp`
-    records (dicts, interp.json files or their folders); `goal_losses` are McCandlish's goal
-    training losses (default: chosen so that every run reaches them); `sb_batch` and `lb_batch`
-    are the batch sizes of Keskar's tables (default: the smallest and largest); `figures` names
-    the figures to draw (from FIGURES; default: all the runs support)."""
+    two or more batch sizes have sharpness probes, unless `keskar_section` is False) and every figure
+    the runs support, decided from the data (figures without data are listed as not drawn, never an
+    error), then each run's settings and the probe set and BN mode of every probe. `interpolations`
+    are `sharp interp` records (dicts, interp.json files or their folders); `goal_losses` are
+    McCandlish's goal training losses (default: chosen so that every run reaches them); `sb_batch`
+    and `lb_batch` are the batch sizes of Keskar's tables (default: the smallest and largest);
+    `figures` names the figures to draw (from FIGURES; default: all the runs support)."""
     runs = list(runs)
     only = None if figures is None else check_figure_names(figures)
     if not runs:
@@ -781,7 +782,7 @@ def build_report(
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
 
     sizes = batch_sizes([r for r in runs if not r.diverged])
-    if len(sizes) >= 2 and any(r.probes_of("epsilon_sharpness") for r in runs):
+    if keskar_section and len(sizes) >= 2 and any(r.probes_of("epsilon_sharpness") for r in runs):
         small, large = sb_batch or sizes[0], lb_batch or sizes[-1]
         lines += ["", "## Keskar et al. 2017, Tables 2–4", ""]
         if table_families(runs, small, large):

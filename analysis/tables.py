@@ -99,6 +99,11 @@ BN_MODE_TEXT = {
 }
 
 
+def bn_mode_text(runs: Sequence[RunRecord], mode: str) -> str:
+    """BN_MODE_TEXT[mode], or "no BN" when none of `runs` has BatchNorm (the mode then changes nothing)."""
+    return BN_MODE_TEXT[mode] if any(r.settings.get("norm") == "bn" for r in runs) else "no BN"
+
+
 def format_number(value: float | None) -> str:
     """Two decimals (as the paper prints them) between 0.01 and 1e5, else 3 significant digits in
     scientific form; "—" when missing."""
@@ -300,7 +305,7 @@ def _family_rows(family: Family, sb_batch: int, lb_batch: int, scale: str | None
     several = len(modes) > 1 or named  # beside other families, every row names its BN mode
 
     def label(mode: str) -> str:
-        return source + (f", {BN_MODE_TEXT[mode]}" if several else "")
+        return source + (f", {bn_mode_text(sb + lb, mode)}" if several else "")
 
     def our_rows(p: int | None, prefix: list[str], table: str, quantity: str) -> list[list[str]]:
         values = {

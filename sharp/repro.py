@@ -148,11 +148,14 @@ class ReproSpec:
             raise SharpError(f"spec {spec.name!r}: ensemble = {spec.ensemble!r} must be a whole number >= 1")
         spec._build_groups(resolved.get("groups", {}), resolved.get("base", {}))
         report = resolved.get("report", {})
-        extra = sorted(set(report) - {"goal_losses", "sb_batch", "lb_batch", "figures"})
+        extra = sorted(set(report) - {"goal_losses", "sb_batch", "lb_batch", "figures", "keskar_tables"})
         if extra:
             raise SharpError(
-                f"spec [report]: unknown key {extra[0]!r}; use goal_losses, sb_batch, lb_batch, figures"
+                f"spec [report]: unknown key {extra[0]!r}; use goal_losses, sb_batch, lb_batch, figures, "
+                "keskar_tables"
             )
+        if not isinstance(report.get("keskar_tables", True), bool):
+            raise SharpError("spec [report]: keskar_tables must be true or false")
         if "figures" in report:
             from analysis.report import check_figure_names
 
@@ -396,6 +399,7 @@ def run_repro(
         sb_batch=options.get("sb_batch"),
         lb_batch=options.get("lb_batch"),
         figures=options.get("figures"),
+        keskar_section=options.get("keskar_tables", True),
     )
     timings["report"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started

@@ -149,6 +149,7 @@ def test_deep_merge_merges_tables_and_replaces_lists():
         ({"groups": {"g": {"probes": [{"eps": "x"}]}}}, "--eps 'x'"),
         ({"grid": {}}, "unknown key 'grid'"),
         ({"report": {"goals": [1.0]}}, "unknown key 'goals'"),
+        ({"report": {"keskar_tables": "no"}}, "keskar_tables must be true or false"),
         ({"report": {"figures": ["keskar_fig4", "fig9"]}}, "figure 'fig9' is unknown"),
     ],
 )
@@ -255,6 +256,9 @@ def test_repro_runs_end_to_end_and_a_rerun_only_redraws(tmp_path):
     manifest = json.loads((out / "repro.json").read_text())
     assert manifest["state"] == "finished" and manifest["history"] == [json.loads(first)["timings"]]
     assert "Small batch (SB) = B 64" in report.read_text()
+    run_repro(ReproSpec.from_dict(_tiny_spec(keskar_tables=False)), out, echo=lambda _: None)
+    text = report.read_text()
+    assert "Tables 2–4" not in text and "what sets the size" not in text and "Fig. 4" in text
 
     changed = _tiny_spec()
     changed["base"]["steps"] = 5

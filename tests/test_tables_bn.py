@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from test_analysis import evaluations, make_run, number, read_csv, sharpness
 
+from analysis.ablation import keskar_ablation
 from analysis.results import load_runs
 from analysis.tables import keskar_tables
 
@@ -75,3 +76,27 @@ def test_one_bn_mode_keeps_the_single_row(tmp_path):
     ours = [line for line in table3.splitlines() if "this run" in line]
     assert len(ours) == 1 and ours[0].startswith("| **this run** |") and "2.00 (n=1)" in ours[0]
     assert "÷" not in markdown
+
+
+def test_a_family_without_batch_norm_is_labelled_no_bn_not_by_the_probes_bn_mode(tmp_path):
+    for norm in ("bn", "none"):
+        for name, batch, value in (("sb", 32, 2.0), ("lb", 1024, 100.0)):
+            metrics = evaluations([2.3, 0.6, 0.3], [0.1, 0.7, 0.9], batch=batch)
+            probes = [probed(value, "eval")]
+            make_run(
+                tmp_path / "runs", f"{name}-{norm}", batch=batch, norm=norm, metrics=metrics, probes=probes
+            )
+    runs = load_runs([tmp_path / "runs"])
+    table3 = keskar_tables(runs, tmp_path / "t", sb_batch=32, lb_batch=1024).split("### Table 3")[1]
+    labels = [
+        line.split("|")[1].strip()
+        for line in table3.split("### Table 4")[0].splitlines()
+        if "this run" in line
+    ]
+    by_net = {"(bn)" in label: label.rsplit(", ", 1)[1] for label in labels}
+    assert len(labels) == 2 and by_net == {True: "BN: running statistics", False: "no BN"}, labels
+    ablation = keskar_ablation(runs, tmp_path / "a", sb_batch=32, lb_batch=1024)
+    bn_cells = sorted(
+        line.split("|")[3].strip() for line in ablation.splitlines() if line.startswith("| mlp")
+    )
+    assert bn_cells == ["BN: running statistics", "no BN"]
