@@ -272,7 +272,7 @@ def figure_title(
 
 def run_labels(runs: Sequence[RunRecord]) -> dict[Path, str]:
     """A short legend label per run path: "B=64", plus whatever tells runs of one batch apart
-    (micro-batch, BN batch, eta~, seed)."""
+    (micro-batch, BN batch, eta~, seed, network, stopping rule)."""
     labels = {}
     for r in runs:
         same = [o for o in runs if o.batch_size == r.batch_size]
@@ -285,6 +285,10 @@ def run_labels(runs: Sequence[RunRecord]) -> dict[Path, str]:
             text += f", η̃={r.base_lr:.3g}"
         if len({o.seed for o in same}) > 1:
             text += f", seed {r.seed}"
+        if len({_model_text([o]) for o in same}) > 1:
+            text += f", {_model_text([r])}"
+        if len({stopping_rule(o.settings, cap=False) for o in same}) > 1:
+            text += f", {stopping_rule(r.settings, cap=False)}"
         if text in labels.values():
             text += f" ({r.name})"
         labels[r.path] = text
@@ -315,22 +319,23 @@ def family_key(run: RunRecord) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in kept.items()))
 
 
-def stopping_rule(settings: dict[str, Any]) -> str:
-    """How a run's length was decided: "until plateau (3 evaluations, tol 0.01), at most 40 epochs"."""
+def stopping_rule(settings: dict[str, Any], cap: bool = True) -> str:
+    """How a run's length was decided: "until plateau (3 evaluations, tol 0.01), at most 40 epochs"
+    (without the ", at most ..." when `cap` is False)."""
     parts = []
     if settings.get("until_plateau"):
         tol = settings.get("plateau_tol", 0.01)
         parts.append(f"until plateau ({settings['until_plateau']} evaluations, tol {tol:g})")
     if settings.get("until_train_loss") is not None:
         parts.append(f"until train loss ≤ {settings['until_train_loss']:g}")
-    cap = (
+    length = (
         f"{settings['steps']} steps"
         if settings.get("steps") is not None
         else (f"{settings['epochs']} epochs" if settings.get("epochs") is not None else None)
     )
     if not parts:
-        return f"fixed length, {cap}" if cap else "fixed length"
-    return ", ".join(parts) + (f", at most {cap}" if cap else "")
+        return f"fixed length, {length}" if length else "fixed length"
+    return ", ".join(parts) + (f", at most {length}" if length and cap else "")
 
 
 @dataclass

@@ -795,3 +795,21 @@ def test_sharpness_figure_writes_the_plotted_numbers_and_the_report_states_paper
         in report
     )
     assert "median λ_max/threshold after 1.02" in report and "SGD B=32, η=0.01" in report
+
+
+def test_run_labels_tell_runs_of_one_batch_apart_by_network_and_stopping_rule(tmp_path):
+    from analysis.results import run_labels
+
+    make_run(tmp_path / "runs", "c1", batch=25, model="keskar-c1", settings={"until_plateau": 3})
+    make_run(tmp_path / "runs", "rn-plateau", batch=25, model="resnet8", settings={"until_plateau": 3})
+    make_run(tmp_path / "runs", "rn-loss", batch=25, model="resnet8", settings={"until_train_loss": 0.1})
+    make_run(tmp_path / "runs", "lb", batch=500, model="resnet8", settings={"until_plateau": 3})
+    runs = load_runs([tmp_path / "runs"])
+    by_path = run_labels(runs)
+    labels = {r.name: by_path[r.path] for r in runs}
+    assert labels == {
+        "c1": "B=25, keskar-c1 (bn), until plateau (3 evaluations, tol 0.01)",
+        "rn-plateau": "B=25, resnet8 (bn), until plateau (3 evaluations, tol 0.01)",
+        "rn-loss": "B=25, resnet8 (bn), until train loss ≤ 0.1",
+        "lb": "B=500",  # alone at its batch: nothing to tell apart
+    }
