@@ -4,7 +4,8 @@ optimizer step and save a checkpoint; a second signal stops at once.
 In a sweep's pool of worker processes the sweep's own process is the one that listens: it
 forwards every SIGINT or SIGTERM it gets to its workers as SIGTERM, and the workers ignore
 SIGINT (a terminal's Ctrl-C reaches the whole process group, so a worker would otherwise count
-one Ctrl-C twice). A worker asked to stop finishes its run's step and starts no further run.
+one Ctrl-C twice). A worker asked to stop finishes its run's step (or, past training, the
+run's probes) and starts no further run.
 """
 
 from __future__ import annotations
