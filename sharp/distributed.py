@@ -60,6 +60,12 @@ class Distributed:
             return
         if device.type == "cuda":
             torch.cuda.set_device(self.local_rank)
+        # torch.distributed.nn.functional binds `group.WORLD` as a default argument when it is
+        # first imported (torch imports it on building the first optimizer); imported after
+        # init_process_group it would hold the process group past destroy_process_group, to be
+        # torn down at interpreter exit, where Gloo's threads can abort the process (SIGABRT).
+        import torch.distributed.nn as _bound_early  # noqa: F401
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         try:
             yield

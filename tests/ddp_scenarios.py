@@ -54,10 +54,7 @@ def run_scenario(scenario: dict[str, Any], rank: int) -> None:
 if __name__ == "__main__":
     # One process group for every scenario (`train` reuses an initialized group): torchrun's
     # rendezvous does not take a second init_process_group in the same process.
-    torch.distributed.init_process_group("gloo")
-    rank = Distributed.from_env().rank
-    try:
+    dist = Distributed.from_env()
+    with dist.session(torch.device("cpu")):
         for scenario in json.loads(Path(sys.argv[1]).read_text()):
-            run_scenario(scenario, rank)
-    finally:
-        torch.distributed.destroy_process_group()
+            run_scenario(scenario, dist.rank)

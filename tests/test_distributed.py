@@ -18,6 +18,8 @@ from sharp.data import DeviceLoader
 from sharp.runs import RunDir, read_jsonl
 from sharp.train import TIMING_KEYS, train
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_ranks_share_every_window_exactly(synthetic):
     def shares(world):
@@ -85,9 +87,32 @@ def test_two_gloo_processes_end_with_the_single_process_weights(tmp_path):
     assert not (tmp_path / "two" / "run.lock").exists()
 
 
+RELEASE_CHECK = """
+import gc, weakref, torch
+import torch.distributed.distributed_c10d as c10d
+from sharp.distributed import Distributed
+
+with Distributed.from_env().session(torch.device("cpu")):
+    group = weakref.ref(c10d._get_default_group())
+    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # torch imports its compiler here
+gc.collect()
+assert group() is None, "the process group outlived its session"
+"""
+
+
+def test_session_releases_its_process_group_before_the_interpreter_exits(tmp_path):
+    """A process group alive at interpreter exit is torn down there, where Gloo's threads can
+    abort a rank that finished its run (SIGABRT, seen once in CI): the session must free it."""
+    script = tmp_path / "release_check.py"
+    script.write_text(RELEASE_CHECK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([*command, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 # --- several runs under one torchrun launch (tests/ddp_scenarios.py) --------------------------
 
-REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(dataset="digits", precision="fp64", deterministic=True)
 MLP = dict(model="mlp", norm="none")
 # what the BN convnet scenarios share
