@@ -23,7 +23,7 @@ from analysis.jiang2020 import CITATION, JIANG_2020
 from analysis.rank import AxisTau, BootstrapInterval, bootstrap_interval, granulated_tau, kendall_tau
 from analysis.results import RunRecord, checkpoint_of, describe, load_runs
 from analysis.style import write_csv
-from analysis.tables import DASH, markdown_table
+from analysis.tables import DASH, DATA_FREE, markdown_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes, read_json
 
@@ -35,7 +35,6 @@ NOT_AXES = ("data_root", "download", "device", "deterministic", "channels_last",
 NOT_PROBE_SETTINGS = (
     "run", "checkpoint", "checkpoint_path", "task", "probe_split", "augment", "sharp", "torch",
 )  # fmt: skip
-DATA_FREE = ("weight_norms",)  # kinds whose numbers do not depend on the probe set or BN mode
 NORM_TITLES = {
     "l2_norm": "‖w‖₂",
     "distance_from_init": "‖w − w₀‖₂",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+
+
+DATA_FREE = ("weight_norms",)  # probe kinds whose numbers depend on neither the probe set nor BN mode
+
+
+def with_bn_mode(runs: Sequence[RunRecord], mode: str) -> list[RunRecord]:
+    """The runs with only their probes measured in BN mode `mode` (and the data-free ones): what a
+    report of that mode alone reads."""
+    return [
+        replace(r, probes=[p for p in r.probes if p.get("probe") in DATA_FREE or bn_mode_of(p) == mode])
+        for r in runs
+    ]
 
 
 def bn_mode_of(record: dict[str, Any]) -> str:

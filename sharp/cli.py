@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from sharp.config import (
+    BN_MODES,
     ProbeConfig,
     TrainConfig,
     check_choice,
@@ -458,6 +459,11 @@ def demo(out: str, quick: bool) -> None:
     multiple=True,
     help="draw only this figure (keskar_fig4, interpolation, hessian_density, ...); repeatable",
 )
+@click.option(
+    "--bn-mode",
+    default=None,
+    help="only the probes measured in this BN mode [eval|recompute|batch] (default: all, side by side)",
+)
 def report(
     runs: tuple[str, ...],
     out: str,
@@ -466,13 +472,17 @@ def report(
     interpolations: tuple[str, ...],
     goal_losses: tuple[float, ...],
     figures: tuple[str, ...],
+    bn_mode: str | None,
 ) -> None:
     """Tables, figures and settings of run directories (or sweep / repro folders) as report.md."""
     from analysis.report import build_report, check_figure_names
     from analysis.results import load_runs
+    from analysis.tables import BN_MODE_TEXT, with_bn_mode
 
     if scale is not None:
         check_choice(scale, "--scale", ("cpu", "full"))
+    if bn_mode is not None:
+        check_choice(bn_mode, "--bn-mode", BN_MODES)
     try:
         check_figure_names(figures)
     except SharpError as exc:
@@ -488,12 +498,19 @@ def report(
         raise SharpError(
             f"no run directories found in {', '.join(runs)}; give directories made by sharp train"
         )
+    notes = []
+    if bn_mode is not None:
+        records = with_bn_mode(records, bn_mode)
+        notes.append(
+            f"Probe numbers: only those measured with {BN_MODE_TEXT[bn_mode]} (`--bn-mode {bn_mode}`)."
+        )
     path = build_report(
         records,
         out,
         scale=scale,
         title=title,
         interpolations=interpolations,
+        notes=notes,
         goal_losses=list(goal_losses) or None,
         figures=list(figures) or None,
     )

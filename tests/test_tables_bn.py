@@ -100,3 +100,28 @@ def test_a_family_without_batch_norm_is_labelled_no_bn_not_by_the_probes_bn_mode
         line.split("|")[3].strip() for line in ablation.splitlines() if line.startswith("| mlp")
     )
     assert bn_cells == ["BN: running statistics", "no BN"]
+
+
+def test_report_of_one_bn_mode_reads_only_its_probes(two_mode_runs, tmp_path):
+    """`sharp report --bn-mode recompute`: Table 3 holds the recomputed numbers alone (worked out in
+    the fixture: SB mean of 1 and 1.5, LB of 50 and 70), no eval row and no ratio between modes."""
+    from click.testing import CliRunner
+
+    from sharp.cli import cli
+
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--bn-mode", "recompute"]
+    )
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    table3 = markdown.split("### Table 3")[1].split("### Table 4")[0]
+    ours = [line for line in table3.splitlines() if "this run" in line]
+    assert len(ours) == 1 and "1.25 ± 0.35 (n=2)" in ours[0] and "60.00 ± 14.14 (n=2)" in ours[0]
+    assert "recompute ÷ eval" not in markdown and "BN: running statistics" not in markdown
+    assert "`--bn-mode recompute`" in markdown
+    bad = runner.invoke(
+        cli, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "b"), "--bn-mode", "train"]
+    )
+    assert bad.exit_code == 2 and "--bn-mode 'train' is unknown" in bad.output
+    assert not (tmp_path / "b").exists()
