@@ -3,6 +3,8 @@ on quadratic losses, exact accumulation, BN running statistics and bad input."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,12 @@ def _gradient(w, x, y, n):
     return (x @ w.T - targets).T @ x / n
 
 
+def _examples(window):
+    """A window's inputs, flattened to (count, 64), and labels, in micro-batch order."""
+    x, y = zip(*window.micro_batches(), strict=True)
+    return torch.cat(x).flatten(1), torch.cat(y)
+
+
 @pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
 def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     lr, rho = 0.1, 0.05
@@ -105,8 +113,7 @@ def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     t = _linear(cfg, digits)
     w = t.params[0].detach().clone()
     window = next(t.train_loader.windows(0, 48, 16))
-    x, y = zip(*window.micro_batches(), strict=True)
-    x, y = torch.cat(x).flatten(1), torch.cat(y)
+    x, y = _examples(window)
 
     def ascent(g):
         if adaptive:
@@ -123,6 +130,28 @@ def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
         expected = w - lr * step
     train_step(t, window, lr)
     assert torch.allclose(t.params[0].detach(), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_sam_steps_adam_with_the_gradient_at_w_plus_epsilon(digits, exact_config, kind):
+    # torch's optimizer as the reference, fed by hand the gradient at w + ε of each window; its
+    # weight decay (L2 for Adam, decoupled for AdamW) then acts at w, as SAM's descent step does
+    lr, rho, decay = 0.01, 0.05, 0.1
+    cfg = exact_config(batch_size=48, micro_batch=16, lr=lr, optimizer=kind, weight_decay=decay, sam_rho=rho)
+    t = _linear(cfg, digits)
+    base = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    w, w_plain = (nn.Parameter(t.params[0].detach().clone()) for _ in range(2))
+    reference, plain = (base([p], lr=lr, weight_decay=decay) for p in (w, w_plain))
+    for window in itertools.islice(t.train_loader.windows(0, 48, 16), 3):
+        x, y = _examples(window)
+        g = _gradient(w.detach(), x, y, 48)
+        w.grad = _gradient(w.detach() + rho * g / g.norm(), x, y, 48)
+        w_plain.grad = _gradient(w_plain.detach(), x, y, 48)
+        reference.step()
+        plain.step()
+        train_step(t, window, lr)
+    assert torch.allclose(t.params[0].detach(), w.detach(), rtol=0, atol=1e-13)  # fp64 rounding
+    assert (w - w_plain).abs().max() > 1e-3  # without the ascent the steps differ: the test shows it
 
 
 @pytest.mark.parametrize("m", [None, 4])
