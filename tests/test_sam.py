@@ -1,16 +1,21 @@
 """SAM, ASAM and m-SAM (sharp.optim, and --sam-* in the training step) against closed forms
-on quadratic losses, exact accumulation, BN running statistics and bad input."""
+on quadratic losses, torch's Adam fed the gradient at w + ε, ghost BN by hand, exact
+accumulation, BN running statistics and bad input."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
 
 from sharp.config import TrainConfig, make_config
 from sharp.errors import SharpError
+from sharp.models import set_bn_batch
 from sharp.optim import SAM
 from sharp.train import build, make_optimizer, train, train_step
 
@@ -88,15 +93,16 @@ def _linear(cfg, digits):
 
 
 def _gradient(w, x, y, n):
-    """(W X − Y) Xᵀ / n for examples x (k, 64) and one-hot targets of y, divided by n."""
+    """(W X − Y) Xᵀ / n for examples x (k, 1, 8, 8), flattened, and one-hot targets of y."""
+    x = x.flatten(1)
     targets = torch.nn.functional.one_hot(y, 10).to(F64)
     return (x @ w.T - targets).T @ x / n
 
 
 def _examples(window):
-    """A window's inputs, flattened to (count, 64), and labels, in micro-batch order."""
+    """A window's inputs and labels, in micro-batch order."""
     x, y = zip(*window.micro_batches(), strict=True)
-    return torch.cat(x).flatten(1), torch.cat(y)
+    return torch.cat(x), torch.cat(y)
 
 
 @pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
@@ -186,6 +192,59 @@ def test_sam_updates_bn_running_statistics_in_its_first_pass_only(synthetic):
         assert torch.equal(a, b)  # the same first pass: bit for bit
     moved = [p for p, q in zip(plain.params, sharp_aware.params, strict=True) if not torch.equal(p, q)]
     assert moved  # while the weights did take a different step
+
+
+@pytest.mark.parametrize("m", [None, 8])
+def test_sam_second_pass_normalizes_the_same_ghost_bn_groups(digits, m):
+    # the reference: each ghost group of 4 through a copy of the net on its own (torch's plain
+    # batch norm over the group); the ascent from the window's gradient (or each m-SAM group's)
+    # and the descent from the gradient at w + ε over the same ghost groups
+    lr, rho, ghost, n = 0.1, 0.5, 4, 32
+    cfg = TrainConfig(
+        dataset="digits",
+        model="convnet",
+        norm="bn",
+        bn_batch=ghost,
+        batch_size=n,
+        micro_batch=16,
+        lr=lr,
+        precision="fp64",
+        sam_rho=rho,
+        sam_m=m,
+    )
+    t = build(cfg, dataset=digits)
+    reference = copy.deepcopy(t.model)
+    set_bn_batch(reference, None)
+    names = [name for name, _ in reference.named_parameters()]
+    w = [p.detach().clone() for p in t.params]
+    window = next(t.train_loader.windows(0, n, 16))
+    x, y = _examples(window)
+
+    def gradient(params, xs, ys, groups):
+        values = [p.clone().requires_grad_(True) for p in params]
+        loss = sum(
+            F.cross_entropy(
+                functional_call(reference, dict(zip(names, values, strict=True)), (xg,)), yg, reduction="sum"
+            )
+            for xg, yg in zip(xs.split(groups), ys.split(groups), strict=True)
+        )
+        return torch.autograd.grad(loss / n, values)
+
+    def expected(second_groups):
+        step = [torch.zeros_like(p) for p in w]
+        for xb, yb in zip(x.split(m or n), y.split(m or n), strict=True):
+            g = gradient(w, xb, yb, ghost)
+            norm = torch.linalg.vector_norm(torch.stack([gi.norm() for gi in g]))
+            ascended = [p + rho * gi / norm for p, gi in zip(w, g, strict=True)]
+            step = [s + gi for s, gi in zip(step, gradient(ascended, xb, yb, second_groups), strict=True)]
+        return [p - lr * s for p, s in zip(w, step, strict=True)]
+
+    train_step(t, window, lr)
+    for p, q in zip(t.params, expected(ghost), strict=True):
+        assert torch.allclose(p.detach(), q, rtol=0, atol=1e-13)  # fp64 rounding
+    # a second pass over groups of the whole micro-batch (or m-SAM group) would differ
+    other = expected(m or 16)
+    assert max((p.detach() - q).abs().max().item() for p, q in zip(t.params, other, strict=True)) > 1e-5
 
 
 def test_sam_second_pass_draws_the_same_dropout_masks(synthetic):
