@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -267,6 +268,58 @@ def test_sam_second_pass_draws_the_same_dropout_masks(synthetic):
         train_step(t, next(t.train_loader.windows(0, 16, 16)), 0.01)
     for p, q in zip(plain.params, tiny.params, strict=True):
         assert torch.allclose(p, q, rtol=0, atol=1e-9)
+
+
+SAM_RECORD = {
+    "passes": 2,
+    "bn_running_statistics": "first pass only",
+    "dropout": "the same masks in both passes",
+}
+
+
+@pytest.mark.parametrize(
+    ("flags", "settings", "record"),
+    [
+        ([], (0.0, False, None), None),
+        (
+            ["--sam-rho", "0.05"],
+            (0.05, False, None),
+            {**SAM_RECORD, "rho": 0.05, "perturbation": "rho g / ||g|| (SAM)", "ascent_per": "whole window"},
+        ),
+        (
+            ["--sam-rho", "0.05", "--sam-adaptive", "--sam-m", "4"],
+            (0.05, True, 4),
+            {
+                **SAM_RECORD,
+                "rho": 0.05,
+                "perturbation": "rho |w|^2 g / || |w| g || (ASAM)",
+                "ascent_per": "group of 4 examples (m-SAM)",
+            },
+        ),
+    ],
+    ids=["off", "sam", "asam-m"],
+)
+def test_config_json_records_sam_and_reruns_the_same_steps(tmp_path, flags, settings, record):
+    from click.testing import CliRunner
+
+    from sharp.cli import cli
+
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--norm", "none", "--precision", "fp64"]
+    args += ["--batch-size", "64", "--micro-batch", "16", "--steps", "3", "--lr", "0.2", "--quiet"]
+    first = CliRunner().invoke(cli, [*args, *flags, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(
+        cli, [*args, "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]
+    )
+    assert again.exit_code == 0, again.output
+    # the run, and its rerun from config.json alone; ρ compared with ==: JSON's shortest repr
+    # reads back the very float given
+    for run in "ab":
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert tuple(config["settings"][k] for k in ("sam_rho", "sam_adaptive", "sam_m")) == settings
+        assert config["derived"]["sam"] == record
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=True) for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same settings, seed and process: bit for bit
 
 
 @pytest.mark.parametrize(
