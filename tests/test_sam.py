@@ -106,7 +106,12 @@ def _examples(window):
     return torch.cat(x), torch.cat(y)
 
 
-@pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
+# m: None (one ascent per window of 48), 1 (per example), 4 and 8, 16 = the micro-batch (one
+# ascent per micro-batch)
+@pytest.mark.parametrize(
+    ("adaptive", "m"),
+    [(False, None), (True, None), (False, 1), (False, 4), (True, 8), (False, 16), (True, 16)],
+)
 def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     lr, rho = 0.1, 0.05
     cfg = exact_config(
