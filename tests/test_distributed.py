@@ -141,6 +141,23 @@ SCENARIOS = {
         MLP, batch_size=64, micro_batch=32, epochs=20, lr=0.2, until_train_loss=0.3, eval_every=0.5
     ),
     "resume": dict(CONVNET_BN, epochs=2, momentum=0.9),
+    # SAM: the ascent from the all-reduced window gradient, whatever the shares; the short last
+    # window (29: shares 15 and 14, against micro-batches 16 and 13 in one process) included
+    "sam": dict(MLP, batch_size=64, micro_batch=16, epochs=1, lr=0.2, momentum=0.9, sam_rho=0.05),
+    # m-SAM (ASAM's ascent) per group of 4 of each micro-batch: drop_last keeps every rank's
+    # micro-batches those of one process, so the groups are the same
+    "m_sam": dict(
+        MLP,
+        batch_size=64,
+        micro_batch=16,
+        drop_last=True,
+        epochs=1,
+        lr=0.2,
+        momentum=0.9,
+        sam_rho=0.05,
+        sam_adaptive=True,
+        sam_m=4,
+    ),
 }
 
 
@@ -246,3 +263,14 @@ def test_ddp_sync_bn_equals_one_process_normalizing_both_shares_together(ddp_run
     assert _max_diff(ours, theirs) < 1e-10
     derived = json.loads((ddp_runs / "sync_bn" / "config.json").read_text())["derived"]
     assert derived["bn_batch"] == 32 and derived["bn_across_ranks"].startswith("synchronized")
+
+
+@pytest.mark.parametrize("name", ["sam", "m_sam"])
+def test_ddp_sam_equals_one_process(ddp_runs, tmp_path, digits, name):
+    one = _single(tmp_path, digits, name)
+    # fp64, the same examples in each ascent: only the summation order of the all-reduce differs
+    assert _max_diff(_final(one), _final(ddp_runs / name)) < 1e-10
+    plain = _single(tmp_path / "plain", digits, name, sam_rho=0.0, sam_adaptive=False, sam_m=None)
+    assert _max_diff(_final(plain), _final(one)) > 1e-6  # SAM did change the run
+    derived = json.loads((ddp_runs / name / "config.json").read_text())["derived"]
+    assert derived["world_size"] == 2 and derived["sam"]["rho"] == 0.05

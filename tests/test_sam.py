@@ -1,14 +1,22 @@
 """SAM, ASAM and m-SAM (sharp.optim, and --sam-* in the training step) against closed forms
-on quadratic losses, exact accumulation, BN running statistics and bad input."""
+on quadratic losses, torch's Adam fed the gradient at w + ε, ghost BN by hand, exact
+accumulation, BN running statistics and bad input."""
 
 from __future__ import annotations
+
+import copy
+import itertools
+import json
 
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
 
 from sharp.config import TrainConfig, make_config
 from sharp.errors import SharpError
+from sharp.models import set_bn_batch
 from sharp.optim import SAM
 from sharp.train import build, make_optimizer, train, train_step
 
@@ -86,12 +94,24 @@ def _linear(cfg, digits):
 
 
 def _gradient(w, x, y, n):
-    """(W X − Y) Xᵀ / n for examples x (k, 64) and one-hot targets of y, divided by n."""
+    """(W X − Y) Xᵀ / n for examples x (k, 1, 8, 8), flattened, and one-hot targets of y."""
+    x = x.flatten(1)
     targets = torch.nn.functional.one_hot(y, 10).to(F64)
     return (x @ w.T - targets).T @ x / n
 
 
-@pytest.mark.parametrize(("adaptive", "m"), [(False, None), (True, None), (False, 4), (True, 8)])
+def _examples(window):
+    """A window's inputs and labels, in micro-batch order."""
+    x, y = zip(*window.micro_batches(), strict=True)
+    return torch.cat(x), torch.cat(y)
+
+
+# m: None (one ascent per window of 48), 1 (per example), 4 and 8, 16 = the micro-batch (one
+# ascent per micro-batch)
+@pytest.mark.parametrize(
+    ("adaptive", "m"),
+    [(False, None), (True, None), (False, 1), (False, 4), (True, 8), (False, 16), (True, 16)],
+)
 def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     lr, rho = 0.1, 0.05
     cfg = exact_config(
@@ -105,8 +125,7 @@ def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
     t = _linear(cfg, digits)
     w = t.params[0].detach().clone()
     window = next(t.train_loader.windows(0, 48, 16))
-    x, y = zip(*window.micro_batches(), strict=True)
-    x, y = torch.cat(x).flatten(1), torch.cat(y)
+    x, y = _examples(window)
 
     def ascent(g):
         if adaptive:
@@ -123,6 +142,28 @@ def test_training_step_is_the_closed_form(digits, exact_config, adaptive, m):
         expected = w - lr * step
     train_step(t, window, lr)
     assert torch.allclose(t.params[0].detach(), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_sam_steps_adam_with_the_gradient_at_w_plus_epsilon(digits, exact_config, kind):
+    # torch's optimizer as the reference, fed by hand the gradient at w + ε of each window; its
+    # weight decay (L2 for Adam, decoupled for AdamW) then acts at w, as SAM's descent step does
+    lr, rho, decay = 0.01, 0.05, 0.1
+    cfg = exact_config(batch_size=48, micro_batch=16, lr=lr, optimizer=kind, weight_decay=decay, sam_rho=rho)
+    t = _linear(cfg, digits)
+    base = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    w, w_plain = (nn.Parameter(t.params[0].detach().clone()) for _ in range(2))
+    reference, plain = (base([p], lr=lr, weight_decay=decay) for p in (w, w_plain))
+    for window in itertools.islice(t.train_loader.windows(0, 48, 16), 3):
+        x, y = _examples(window)
+        g = _gradient(w.detach(), x, y, 48)
+        w.grad = _gradient(w.detach() + rho * g / g.norm(), x, y, 48)
+        w_plain.grad = _gradient(w_plain.detach(), x, y, 48)
+        reference.step()
+        plain.step()
+        train_step(t, window, lr)
+    assert torch.allclose(t.params[0].detach(), w.detach(), rtol=0, atol=1e-13)  # fp64 rounding
+    assert (w - w_plain).abs().max() > 1e-3  # without the ascent the steps differ: the test shows it
 
 
 @pytest.mark.parametrize("m", [None, 4])
@@ -159,6 +200,59 @@ def test_sam_updates_bn_running_statistics_in_its_first_pass_only(synthetic):
     assert moved  # while the weights did take a different step
 
 
+@pytest.mark.parametrize("m", [None, 8])
+def test_sam_second_pass_normalizes_the_same_ghost_bn_groups(digits, m):
+    # the reference: each ghost group of 4 through a copy of the net on its own (torch's plain
+    # batch norm over the group); the ascent from the window's gradient (or each m-SAM group's)
+    # and the descent from the gradient at w + ε over the same ghost groups
+    lr, rho, ghost, n = 0.1, 0.5, 4, 32
+    cfg = TrainConfig(
+        dataset="digits",
+        model="convnet",
+        norm="bn",
+        bn_batch=ghost,
+        batch_size=n,
+        micro_batch=16,
+        lr=lr,
+        precision="fp64",
+        sam_rho=rho,
+        sam_m=m,
+    )
+    t = build(cfg, dataset=digits)
+    reference = copy.deepcopy(t.model)
+    set_bn_batch(reference, None)
+    names = [name for name, _ in reference.named_parameters()]
+    w = [p.detach().clone() for p in t.params]
+    window = next(t.train_loader.windows(0, n, 16))
+    x, y = _examples(window)
+
+    def gradient(params, xs, ys, groups):
+        values = [p.clone().requires_grad_(True) for p in params]
+        loss = sum(
+            F.cross_entropy(
+                functional_call(reference, dict(zip(names, values, strict=True)), (xg,)), yg, reduction="sum"
+            )
+            for xg, yg in zip(xs.split(groups), ys.split(groups), strict=True)
+        )
+        return torch.autograd.grad(loss / n, values)
+
+    def expected(second_groups):
+        step = [torch.zeros_like(p) for p in w]
+        for xb, yb in zip(x.split(m or n), y.split(m or n), strict=True):
+            g = gradient(w, xb, yb, ghost)
+            norm = torch.linalg.vector_norm(torch.stack([gi.norm() for gi in g]))
+            ascended = [p + rho * gi / norm for p, gi in zip(w, g, strict=True)]
+            step = [s + gi for s, gi in zip(step, gradient(ascended, xb, yb, second_groups), strict=True)]
+        return [p - lr * s for p, s in zip(w, step, strict=True)]
+
+    train_step(t, window, lr)
+    for p, q in zip(t.params, expected(ghost), strict=True):
+        assert torch.allclose(p.detach(), q, rtol=0, atol=1e-13)  # fp64 rounding
+    # a second pass over groups of the whole micro-batch (or m-SAM group) would differ
+    other = expected(m or 16)
+    assert max((p.detach() - q).abs().max().item() for p, q in zip(t.params, other, strict=True)) > 1e-5
+
+
 def test_sam_second_pass_draws_the_same_dropout_masks(synthetic):
     # at a vanishing radius the second pass's gradient is the first's, but only if its
     # dropout masks are the same: with fresh masks the two gradients differ at O(1)
@@ -179,6 +273,58 @@ def test_sam_second_pass_draws_the_same_dropout_masks(synthetic):
         train_step(t, next(t.train_loader.windows(0, 16, 16)), 0.01)
     for p, q in zip(plain.params, tiny.params, strict=True):
         assert torch.allclose(p, q, rtol=0, atol=1e-9)
+
+
+SAM_RECORD = {
+    "passes": 2,
+    "bn_running_statistics": "first pass only",
+    "dropout": "the same masks in both passes",
+}
+
+
+@pytest.mark.parametrize(
+    ("flags", "settings", "record"),
+    [
+        ([], (0.0, False, None), None),
+        (
+            ["--sam-rho", "0.05"],
+            (0.05, False, None),
+            {**SAM_RECORD, "rho": 0.05, "perturbation": "rho g / ||g|| (SAM)", "ascent_per": "whole window"},
+        ),
+        (
+            ["--sam-rho", "0.05", "--sam-adaptive", "--sam-m", "4"],
+            (0.05, True, 4),
+            {
+                **SAM_RECORD,
+                "rho": 0.05,
+                "perturbation": "rho |w|^2 g / || |w| g || (ASAM)",
+                "ascent_per": "group of 4 examples (m-SAM)",
+            },
+        ),
+    ],
+    ids=["off", "sam", "asam-m"],
+)
+def test_config_json_records_sam_and_reruns_the_same_steps(tmp_path, flags, settings, record):
+    from click.testing import CliRunner
+
+    from sharp.cli import cli
+
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--norm", "none", "--precision", "fp64"]
+    args += ["--batch-size", "64", "--micro-batch", "16", "--steps", "3", "--lr", "0.2", "--quiet"]
+    first = CliRunner().invoke(cli, [*args, *flags, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(
+        cli, [*args, "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]
+    )
+    assert again.exit_code == 0, again.output
+    # the run, and its rerun from config.json alone; ρ compared with ==: JSON's shortest repr
+    # reads back the very float given
+    for run in "ab":
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert tuple(config["settings"][k] for k in ("sam_rho", "sam_adaptive", "sam_m")) == settings
+        assert config["derived"]["sam"] == record
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=True) for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same settings, seed and process: bit for bit
 
 
 @pytest.mark.parametrize(
