@@ -149,9 +149,6 @@ def main() -> None:
     cli.main(prog_name="sharp")
 
 
-_check_positive, _choice = check_positive, check_choice  # the names `interp` calls them by
-
-
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @settings_options(ProbeConfig)
@@ -238,10 +235,10 @@ def interp(
     from sharp.probe_runs import run_interpolation
     from sharp.probes.landscape import BN_BUFFER_MODES, PATHS
 
-    _check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
-    _choice(bn, "--bn", BN_BUFFER_MODES)
-    _choice(path_kind, "--path", PATHS)
-    _choice(precision, "--precision", ("fp32", "fp64"))
+    check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
+    check_choice(bn, "--bn", BN_BUFFER_MODES)
+    check_choice(path_kind, "--path", PATHS)
+    check_choice(precision, "--precision", ("fp32", "fp64"))
     if bn_batch is not None and (bn != "batch" or bn_batch < 2):
         raise SharpError(
             f"--bn-batch {bn_batch} sets the BN groups of --bn batch: use it with --bn batch, >= 2"
@@ -470,9 +467,10 @@ def report(
     """Tables, figures and settings of run directories (or sweep / repro folders) as report.md."""
     from analysis.report import build_report, check_figure_names
     from analysis.results import load_runs
+    from sharp.repro import SCALES
 
     if scale is not None:
-        check_choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", SCALES)
     try:
         check_figure_names(figures)
     except SharpError as exc:
@@ -534,10 +532,11 @@ def correlate_command(
     """Rank-correlate every probed measure with the generalization gap over the runs of sweeps,
     reproductions or run directories (Kendall's τ and Jiang et al. 2020's granulated τ)."""
     from analysis.correlate import correlate, load_study, notes, write_correlation
+    from sharp.repro import SCALES
 
-    _check_positive(bootstrap=n_resamples)
+    check_positive(bootstrap=n_resamples)
     if scale is not None:
-        _choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", SCALES)
     result = correlate(load_study(paths), n_resamples=n_resamples, seed=seed, all_runs=all_runs)
     for note in notes(result):
         click.echo(f"sharp: left out: {note[2:]}", err=True)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, make_config, read_table
+from sharp.config import ProbeConfig, check_choice, make_config, read_table
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_json
 from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec, run_name
@@ -129,8 +129,7 @@ class ReproSpec:
     def from_dict(
         cls, data: dict[str, Any], scale: str = "cpu", overrides: dict[str, Any] | None = None
     ) -> ReproSpec:
-        if scale not in SCALES:
-            raise SharpError(f"--scale {scale!r} is unknown: choose cpu or full")
+        check_choice(scale, "--scale", SCALES)
         scales = data.get("scales", {})
         resolved = deep_merge({k: v for k, v in data.items() if k != "scales"}, scales.get(scale, {}))
         if overrides:
