@@ -43,7 +43,7 @@ from typing import Any
 
 from sharp.config import ProbeConfig, check_choice, make_config, read_table
 from sharp.errors import SharpError
-from sharp.fileio import atomic_write_json
+from sharp.fileio import atomic_write_json, read_json
 from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec, run_name
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
@@ -409,13 +409,11 @@ def run_repro(
 
 
 def devices_used(out: Path) -> dict[str, list[str]]:
-    """The devices each stage of a reproduction really ran on, as its results record them."""
+    """The devices each stage of a reproduction really ran on, as its results record them (a
+    result that cannot be read records none)."""
 
     def read(path: Path) -> dict[str, Any]:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return read_json(path) or {}
 
     runs = sorted((out / "runs").glob("*/config.json"))
     probes = sorted((out / "runs").glob("*/probes/*.json"))
