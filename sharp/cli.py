@@ -208,8 +208,7 @@ def probe(run: str, **settings: Any) -> None:
 )
 @click.option("--test-set", type=int, default=None, help="seeded test subset (default: the whole test split)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the subsets")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp64")
+@settings_options(ProbeConfig, names=("device", "precision"))
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="directory for interp.json/.csv/.png"
 )
@@ -226,8 +225,8 @@ def interp(
     train_set: int,
     test_set: int | None,
     seed: int,
-    device: str,
-    precision: str,
+    device: str | None,
+    precision: str | None,
     out: str,
     overwrite: bool,
 ) -> None:
@@ -238,7 +237,7 @@ def interp(
     check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
     check_choice(bn, "--bn", BN_BUFFER_MODES)
     check_choice(path_kind, "--path", PATHS)
-    check_choice(precision, "--precision", ("fp32", "fp64"))
+    runtime = resolve_settings(ProbeConfig, device=device, precision=precision)
     if bn_batch is not None and (bn != "batch" or bn_batch < 2):
         raise SharpError(
             f"--bn-batch {bn_batch} sets the BN groups of --bn batch: use it with --bn batch, >= 2"
@@ -255,8 +254,8 @@ def interp(
         train_set=train_set,
         test_set=test_set,
         seed=seed,
-        device=device,
-        precision=precision,
+        device=runtime["device"],
+        precision=runtime["precision"],
         out=out,
         overwrite=overwrite,
     )
