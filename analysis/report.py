@@ -57,6 +57,7 @@ from analysis.sam import sam_comparison, sam_table
 from analysis.sam import variant as sam_variant
 from analysis.style import LARGE_BATCH_MIN, finite
 from analysis.tables import DASH, format_number, keskar_tables, markdown_table, table_families
+from sharp.config import check_choice
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes
 
@@ -706,8 +707,7 @@ def check_figure_names(names: Iterable[str]) -> list[str]:
     """The figure names as a list, or a SharpError naming the first unknown one."""
     names = list(names)
     for name in names:
-        if name not in FIGURES:
-            raise SharpError(f"figure {name!r} is unknown: choose from {', '.join(FIGURES)}")
+        check_choice(name, "figure", FIGURES)
     return names
 
 

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make the repository root
 import numpy as np
 import torch
 
+from analysis.tables import markdown_table
 from bench import benchmarks as B
 from bench.timing import load_average, machine
 from sharp.data import load_digits, load_synthetic
@@ -325,12 +326,11 @@ def table(report: dict[str, Any]) -> str:
         f"- load average (1, 5, 15 min) at start {m['load_average_start']}, at end {m['load_average_end']}",
         f"- wall time {report['seconds']:.0f} s",
         "",
-        "| key | value | target | result |",
-        "|---|---|---|---|",
+        markdown_table(
+            ["key", "value", "target", "result"],
+            [[key, _fmt(value), *verdict(key, value)] for key, value in report["keys"].items()],
+        ),
     ]
-    for key, value in report["keys"].items():
-        target, result = verdict(key, value)
-        lines.append(f"| {key} | {_fmt(value)} | {target} | {result} |")
     notes = _notes(report["details"])
     if notes:
         lines += ["", *notes]

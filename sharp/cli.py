@@ -150,9 +150,6 @@ def main() -> None:
     cli.main(prog_name="sharp")
 
 
-_check_positive, _choice = check_positive, check_choice  # the names `interp` calls them by
-
-
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @settings_options(ProbeConfig)
@@ -212,8 +209,7 @@ def probe(run: str, **settings: Any) -> None:
 )
 @click.option("--test-set", type=int, default=None, help="seeded test subset (default: the whole test split)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the subsets")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp64")
+@settings_options(ProbeConfig, names=("device", "precision"))
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="directory for interp.json/.csv/.png"
 )
@@ -230,8 +226,8 @@ def interp(
     train_set: int,
     test_set: int | None,
     seed: int,
-    device: str,
-    precision: str,
+    device: str | None,
+    precision: str | None,
     out: str,
     overwrite: bool,
 ) -> None:
@@ -239,10 +235,10 @@ def interp(
     from sharp.probe_runs import run_interpolation
     from sharp.probes.landscape import BN_BUFFER_MODES, PATHS
 
-    _check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
-    _choice(bn, "--bn", BN_BUFFER_MODES)
-    _choice(path_kind, "--path", PATHS)
-    _choice(precision, "--precision", ("fp32", "fp64"))
+    check_positive(train_set=train_set, test_set=test_set, bn_set=bn_set)
+    check_choice(bn, "--bn", BN_BUFFER_MODES)
+    check_choice(path_kind, "--path", PATHS)
+    runtime = resolve_settings(ProbeConfig, device=device, precision=precision)
     if bn_batch is not None and (bn != "batch" or bn_batch < 2):
         raise SharpError(
             f"--bn-batch {bn_batch} sets the BN groups of --bn batch: use it with --bn batch, >= 2"
@@ -259,8 +255,8 @@ def interp(
         train_set=train_set,
         test_set=test_set,
         seed=seed,
-        device=device,
-        precision=precision,
+        device=runtime["device"],
+        precision=runtime["precision"],
         out=out,
         overwrite=overwrite,
     )
@@ -478,9 +474,10 @@ def report(
     from analysis.report import build_report, check_figure_names
     from analysis.results import load_runs
     from analysis.tables import BN_MODE_TEXT, with_bn_mode
+    from sharp.repro import SCALES
 
     if scale is not None:
-        check_choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", SCALES)
     if bn_mode is not None:
         check_choice(bn_mode, "--bn-mode", BN_MODES)
     try:
@@ -551,10 +548,11 @@ def correlate_command(
     """Rank-correlate every probed measure with the generalization gap over the runs of sweeps,
     reproductions or run directories (Kendall's τ and Jiang et al. 2020's granulated τ)."""
     from analysis.correlate import correlate, load_study, notes, write_correlation
+    from sharp.repro import SCALES
 
-    _check_positive(bootstrap=n_resamples)
+    check_positive(bootstrap=n_resamples)
     if scale is not None:
-        _choice(scale, "--scale", ("cpu", "full"))
+        check_choice(scale, "--scale", SCALES)
     result = correlate(load_study(paths), n_resamples=n_resamples, seed=seed, all_runs=all_runs)
     for note in notes(result):
         click.echo(f"sharp: left out: {note[2:]}", err=True)

@@ -10,12 +10,13 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sharp.errors import SharpError
 
@@ -237,12 +238,22 @@ def parse_batch_schedule(text: str) -> list[tuple[int, int]]:
     return [(e, b) for e, b in pairs]
 
 
-def check_positive(**values: float | None) -> None:
-    """The one positive-number check: each value (None: not given) must be > 0; the keyword is
-    the setting's name, spelled as its option in the message (`train_set` -> `--train-set`)."""
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_positive(*, spelling: Literal["option", "argument"] = "option", **values: float | None) -> None:
+    """The one positive-number check: each value given (None: not given) must be a finite number
+    > 0. The keyword names the value in the one-line SharpError: as its option (`train_set=0`:
+    "--train-set 0 must be positive"), or with spelling="argument" as the Python argument of a
+    library function (`eps=0.0`: "eps=0.0 is not allowed: give a positive finite number")."""
     for name, value in values.items():
-        if value is not None and not value > 0:
-            raise SharpError(f"{option_name(name)} {value} must be positive")
+        if value is None or (_finite_number(value) and value > 0):
+            continue
+        if spelling == "argument":
+            raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
+        wanted = "positive" if _finite_number(value) else "a positive finite number"
+        raise SharpError(f"{option_name(name)} {value} must be {wanted}")
 
 
 def check_choice(value: Any, option: str, choices: Sequence[str]) -> Any:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sharp.config import INPUT_SCALINGS, check_choice
 from sharp.errors import SharpError
 from sharp.locks import ExclusiveLock, LocksUnsupported
 from sharp.progress import progress_bar
@@ -99,11 +100,10 @@ def input_normalization(data: Dataset, scaling: str) -> tuple[tuple[float, ...],
     """The per-channel (mean, std), in units of pixels / 255, that every loader of a run subtracts
     and divides by: the training split's own ("standardize"), or 0 and 1 ("unit": pixels / 255
     alone, as Keskar et al.'s Keras code feeds its nets). Training and probes both take it from here."""
+    check_choice(scaling, "--input-scaling", INPUT_SCALINGS)
     if scaling == "standardize":
         return data.mean, data.std
-    if scaling == "unit":
-        return (0.0,) * data.in_channels, (1.0,) * data.in_channels
-    raise SharpError(f"--input-scaling {scaling!r} is unknown: choose standardize or unit")
+    return (0.0,) * data.in_channels, (1.0,) * data.in_channels
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -14,8 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sharp.config import LOSSES
-from sharp.errors import SharpError
+from sharp.config import LOSSES, check_choice
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,22 +56,16 @@ _MEAN = {"ce": cross_entropy, "mse": squared_loss}
 _PER_EXAMPLE = {"ce": cross_entropy_per_example, "mse": squared_loss_per_example}
 
 
-def _check(name: str) -> str:
-    if name not in LOSSES:
-        raise SharpError(f"--loss {name!r} is unknown: choose one of {', '.join(LOSSES)}")
-    return name
-
-
 def summed_loss(name: str) -> LossFn:
     """The loss `name` summed over the batch."""
-    return _SUMMED[_check(name)]
+    return _SUMMED[check_choice(name, "--loss", LOSSES)]
 
 
 def per_example_loss(name: str) -> LossFn:
     """The loss `name` of each example of the batch (an ensemble sums them member by member)."""
-    return _PER_EXAMPLE[_check(name)]
+    return _PER_EXAMPLE[check_choice(name, "--loss", LOSSES)]
 
 
 def mean_loss(name: str) -> LossFn:
     """The loss `name` averaged over the batch."""
-    return _MEAN[_check(name)]
+    return _MEAN[check_choice(name, "--loss", LOSSES)]

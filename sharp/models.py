@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharp.config import check_choice
 from sharp.errors import SharpError
 
 RESNET_DEPTHS = {
@@ -77,11 +78,7 @@ class _GhostBatchNorm:
 
     def _ghost_implementation(self, x: torch.Tensor, g: int) -> str:
         """The implementation this input takes (see the class docstring)."""
-        if self.implementation not in GHOST_BN_IMPLEMENTATIONS:
-            raise SharpError(
-                f"ghost BN implementation {self.implementation!r} is unknown: choose one of "
-                f"{', '.join(GHOST_BN_IMPLEMENTATIONS)}"
-            )
+        check_choice(self.implementation, "ghost BN implementation", GHOST_BN_IMPLEMENTATIONS)
         if g * x[0, 0].numel() == 1:  # one value per channel and group: torch's batch norm refuses it
             return "batched"
         if self.implementation != "auto":
@@ -542,8 +539,7 @@ def init_weights(model: nn.Module, init: str) -> None:
 
     Normalization layers keep γ = 1, β = 0.
     """
-    if init not in INITS:
-        raise SharpError(f"init {init!r} is unknown: choose one of {', '.join(INITS)}")
+    check_choice(init, "init", INITS)
     for module in model.modules():
         if init == "he" and isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
@@ -588,8 +584,7 @@ def build_model(
 ) -> nn.Module:
     """A model by name (MODEL_NAMES): `resnet8` ... `resnet110`, `convnet`, `mlp`, `keskar-c1`,
     `keskar-c2`, `fc-tanh` or `fc-relu`; `init` one of INITS, None for `default_init(name)`."""
-    if name not in MODEL_NAMES:
-        raise SharpError(f"--model {name!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
+    check_choice(name, "--model", MODEL_NAMES)
     if norm not in model_norms(name):
         raise SharpError(f"--model {name} takes --norm {' or '.join(model_norms(name))}, not --norm {norm}")
     init = init or default_init(name)

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, make_config, read_table
+from sharp.config import ProbeConfig, check_choice, make_config, read_table
 from sharp.errors import SharpError
-from sharp.fileio import atomic_write_json
+from sharp.fileio import atomic_write_json, read_json
 from sharp.sweep import FINAL_STATES, Launcher, RunSpec, SweepSpec, run_name
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "paper_repro"
@@ -129,8 +129,7 @@ class ReproSpec:
     def from_dict(
         cls, data: dict[str, Any], scale: str = "cpu", overrides: dict[str, Any] | None = None
     ) -> ReproSpec:
-        if scale not in SCALES:
-            raise SharpError(f"--scale {scale!r} is unknown: choose cpu or full")
+        check_choice(scale, "--scale", SCALES)
         scales = data.get("scales", {})
         resolved = deep_merge({k: v for k, v in data.items() if k != "scales"}, scales.get(scale, {}))
         if overrides:
@@ -410,13 +409,11 @@ def run_repro(
 
 
 def devices_used(out: Path) -> dict[str, list[str]]:
-    """The devices each stage of a reproduction really ran on, as its results record them."""
+    """The devices each stage of a reproduction really ran on, as its results record them (a
+    result that cannot be read records none)."""
 
     def read(path: Path) -> dict[str, Any]:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return read_json(path) or {}
 
     runs = sorted((out / "runs").glob("*/config.json"))
     probes = sorted((out / "runs").glob("*/probes/*.json"))

@@ -28,7 +28,7 @@ from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
-from sharp.config import ProbeConfig, TrainConfig, make_config, read_table
+from sharp.config import ProbeConfig, TrainConfig, check_choice, make_config, read_table
 from sharp.errors import Interrupted, SharpError
 from sharp.fileio import atomic_write_json, read_json
 from sharp.signals import StopSignals, listen_as_pool_worker, pool_worker_stop_asked
@@ -205,8 +205,7 @@ class Launcher:
     ensemble: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("local", "ray"):
-            raise SharpError(f"--launcher {self.kind!r} is unknown: choose local or ray")
+        check_choice(self.kind, "--launcher", ("local", "ray"))
         if not self.workers >= 1:
             raise SharpError(f"--workers {self.workers} must be at least 1")
         if not self.cpus_per_run > 0 or not self.gpus_per_run >= 0:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharp.config import BN_MODES
+from sharp.config import BN_MODES, check_choice
 from sharp.errors import SharpError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -34,8 +34,7 @@ def bn_layers(model: nn.Module) -> list[tuple[str, BatchNorm]]:
 
 def check_bn_mode(model: nn.Module, bn_mode: str) -> None:
     """Refuse an unknown mode, and eval/recompute on BN layers that keep no running statistics."""
-    if bn_mode not in BN_MODES:
-        raise SharpError(f"bn_mode {bn_mode!r} is unknown: choose one of {', '.join(BN_MODES)}")
+    check_choice(bn_mode, "bn_mode", BN_MODES)
     if bn_mode == "batch":
         return
     for name, module in bn_layers(model):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +56,6 @@ __all__ = [
     "TensorPool",
     "as_batches",
     "check_count",
-    "check_positive",
     "cross_entropy",
     "loss_name",
     "model_device",
@@ -122,15 +120,6 @@ class ProbeResult:
 
 
 # --- argument checks shared by the probes ---------------------------------------------------
-
-
-def check_positive(name: str, value: float) -> float:
-    """A positive finite number, else a SharpError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
-    if not math.isfinite(value) or value <= 0:
-        raise SharpError(f"{name}={value!r} is not allowed: give a positive finite number")
-    return float(value)
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:

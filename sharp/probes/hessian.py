@@ -32,7 +32,7 @@ from scipy.integrate import trapezoid  # numpy's own needs numpy >= 2
 from scipy.linalg import eigh_tridiagonal
 
 from sharp.config import HESSIAN_METHODS as METHODS
-from sharp.config import TRACE_ESTIMATORS
+from sharp.config import TRACE_ESTIMATORS, check_choice, check_positive
 from sharp.errors import SharpError
 from sharp.gradients import autograd_flat_grad
 from sharp.probes.common import Batch, LossFn, ProbeModel, ProbeResult, cross_entropy
@@ -294,8 +294,7 @@ def lanczos(
     operator; nonzero, normalized here); restarts still draw seeded Gaussian vectors.
     """
     k = _check_k(k, n)
-    if tol <= 0:
-        raise SharpError(f"tol={tol}: the tolerance must be positive")
+    check_positive(spelling="argument", tol=tol)
     maxiter = default_lanczos_maxiter(n, k) if maxiter is None else maxiter
     if maxiter < 1:
         raise SharpError(f"maxiter={maxiter}: give at least 1 iteration")
@@ -370,8 +369,9 @@ def power_iteration(
     order. `iterations` is the total number of matvecs.
     """
     k = _check_k(k, n)
-    if tol <= 0 or maxiter < 1:
-        raise SharpError(f"tol={tol}, maxiter={maxiter}: the tolerance must be positive and maxiter >= 1")
+    check_positive(spelling="argument", tol=tol)
+    if maxiter < 1:
+        raise SharpError(f"maxiter={maxiter}: give at least 1 iteration")
     gen = torch.Generator().manual_seed(seed)
     found: list[torch.Tensor] = []
     values, residuals, total, converged = [], [], 0, True
@@ -511,8 +511,7 @@ def hessian_top_eigenvalues(
     `iterations` and `evaluations["hvp"]` are the number of HVPs; `evaluations["grad"]` is 1
     when the graph is kept (the gradient whose graph is kept).
     """
-    if method not in METHODS:
-        raise SharpError(f"method {method!r} is unknown: choose one of {', '.join(METHODS)}")
+    check_choice(method, "method", METHODS)
     probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph, bn_data, bn_batch)
     k_eff = _check_k(k, op.n)
     kw = {"tol": tol, "seed": seed, "dtype": op.dtype, "device": op.device, "progress": progress}
@@ -606,10 +605,7 @@ def stochastic_trace(
     (conditional on the sketch drawn). Where A's spectrum decays, the residual's variance is far
     smaller than A's own: fewer matvecs for the same standard error.
     """
-    if estimator not in TRACE_ESTIMATORS:
-        raise SharpError(
-            f"trace estimator {estimator!r} is unknown: choose one of {', '.join(TRACE_ESTIMATORS)}"
-        )
+    check_choice(estimator, "trace estimator", TRACE_ESTIMATORS)
     m = 0
     if estimator == "hutch++":
         m = maxiter // 3 if sketch is None else sketch
@@ -688,12 +684,10 @@ def hessian_trace(
     abs(), so a negative mean stops it at once; the mean and standard error of the samples it
     returns are reported the same way, and `converged` says whether its rule stopped it.
     """
-    if tol <= 0:
-        raise SharpError(f"tol={tol}: the tolerance must be positive")
+    check_positive(spelling="argument", tol=tol)
     if min_samples < 2 or maxiter < min_samples:
         raise SharpError(f"min_samples={min_samples}, maxiter={maxiter}: choose 2 <= min_samples <= maxiter")
-    if method not in TRACE_METHODS:
-        raise SharpError(f"trace method {method!r} is unknown: choose one of {', '.join(TRACE_METHODS)}")
+    check_choice(method, "trace method", TRACE_METHODS)
     if method == "pyhessian" and estimator != "hutchinson":
         raise SharpError(
             f"PyHessian's trace() is Hutchinson's estimator: drop estimator={estimator!r} or the method"
@@ -780,10 +774,8 @@ def hessian_density(
         raise SharpError(f"n_runs={n_runs}, n_iter={n_iter}: both must be at least 1")
     if grid_size < 2:
         raise SharpError(f"grid_size={grid_size}: the grid needs at least 2 points")
-    if sigma is not None and not sigma > 0:
-        raise SharpError(f"sigma={sigma}: the smoothing width must be positive (or None for the default)")
-    if start not in STARTS:
-        raise SharpError(f"start {start!r} is unknown: choose 'rademacher' or 'gaussian'")
+    check_positive(spelling="argument", sigma=sigma)
+    check_choice(start, "start", STARTS)
     probe, op = _operator(model, batches, loss_fn, bn_mode, keep_graph, bn_data, bn_batch)
     sigma_given = sigma
     gen = torch.Generator().manual_seed(seed)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sharp.config import check_choice
 from sharp.errors import SharpError
 from sharp.fileio import atomic_write_bytes
 from sharp.probes.bn import bn_layers, recompute_bn_statistics
@@ -197,10 +198,8 @@ def interpolate(
     in eval mode on a working copy in model_a's dtype and device; the caller's models are
     not modified. Losses are exact means over all examples of each probe set.
     """
-    if bn not in BN_BUFFER_MODES:
-        raise SharpError(f"bn {bn!r} is unknown: choose one of {', '.join(BN_BUFFER_MODES)}")
-    if path not in PATHS:
-        raise SharpError(f"path {path!r} is unknown: choose 'line' or 'sin'")
+    check_choice(bn, "bn", BN_BUFFER_MODES)
+    check_choice(path, "path", PATHS)
     if path == "sin" and bn == "interpolate":
         raise SharpError("bn 'interpolate' blends statistics along the line only: use bn 'recompute' or 'a'")
     if bn_batch is not None and bn != "batch":
@@ -296,11 +295,6 @@ def interpolate(
 # --- random directions ----------------------------------------------------------------------
 
 
-def _check_ignore(ignore: str) -> None:
-    if ignore not in IGNORE_MODES:
-        raise SharpError(f"ignore {ignore!r} is unknown: choose 'biasbn' or 'none'")
-
-
 def _draw(model: nn.Module, count: int, seed: int) -> list[Direction]:
     """Raw N(0, 1) draws, one tensor per parameter in parameter order, direction after direction.
 
@@ -328,7 +322,7 @@ def filter_normalize(
     draws and directions normalized to another model give the same result (to rounding).
     Returned in the model's dtype and on its device.
     """
-    _check_ignore(ignore)
+    check_choice(ignore, "ignore", IGNORE_MODES)
     _check_direction(direction, model)
     out: Direction = {}
     with torch.no_grad():
@@ -379,7 +373,7 @@ def make_directions(
     its own model). Normalized directions are exactly the ones `random_direction_scan`
     uses for the same model, seed and ignore.
     """
-    _check_ignore(ignore)
+    check_choice(ignore, "ignore", IGNORE_MODES)
     if int(count) < 1:
         raise SharpError(f"count {count} is too small: ask for at least 1 direction")
     raw = _draw(model, int(count), seed)
@@ -466,7 +460,7 @@ def random_direction_scan(
     BN uses batch statistics (bn_mode="batch", groups of `bn_batch`). The caller's model is
     not modified.
     """
-    _check_ignore(ignore)
+    check_choice(ignore, "ignore", IGNORE_MODES)
     alpha_list = _as_alphas(alphas, "alphas")
     beta_list = None if betas is None else _as_alphas(betas, "betas")
     count = 1 if beta_list is None else 2

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sharp.config import check_choice
 from sharp.errors import SharpError
 from sharp.probes.common import BN_MODES, Batch, ProbeResult, as_batches, model_device, model_dtype
 
@@ -107,8 +108,7 @@ def weight_norms(
     None with `init_missing` as its reason), sum of squared Frobenius norms and path norm of
     `model` (module docstring). `batches` give the input shape of the path norm; `bn_mode` is
     recorded only: no measure here evaluates the network on data."""
-    if bn_mode not in BN_MODES:
-        raise SharpError(f"bn_mode {bn_mode!r} is unknown: choose one of {', '.join(BN_MODES)}")
+    check_choice(bn_mode, "bn_mode", BN_MODES)
     started = time.perf_counter()
     batches = as_batches(batches)
     if not batches:

@@ -30,20 +30,10 @@ import itertools
 import torch
 from torch import nn
 
+from sharp.config import check_positive
 from sharp.errors import SharpError
 from sharp.models import MLP, BasicBlock, CifarResNet, ConvNet
 from sharp.probes.bn import BatchNorm
-
-
-def _positive_alpha(alpha: float) -> float:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, int | float)
-        or not alpha > 0
-        or alpha == float("inf")
-    ):
-        raise SharpError(f"reparametrization factor {alpha!r}: give a positive finite number, e.g. 10")
-    return float(alpha)
 
 
 def _layer_norm_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
@@ -78,7 +68,8 @@ def _relu_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 def rescale(model: nn.Module, alpha: float) -> tuple[nn.Module, str]:
     """A copy of `model` with the function-preserving rescaling above; and what was done."""
-    alpha = _positive_alpha(alpha)
+    check_positive(spelling="argument", alpha=alpha)
+    alpha = float(alpha)
     if not isinstance(model, CifarResNet | ConvNet | MLP):
         raise SharpError(
             f"no function-preserving rescaling is known for {type(model).__name__}: "

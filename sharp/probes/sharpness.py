@@ -28,6 +28,7 @@ import scipy.optimize
 import torch
 from torch import nn
 
+from sharp.config import check_choice, check_positive
 from sharp.errors import SharpError
 from sharp.probes.common import (
     Batch,
@@ -35,7 +36,6 @@ from sharp.probes.common import (
     ProbeModel,
     ProbeResult,
     check_count,
-    check_positive,
     cross_entropy,
     regroup,
 )
@@ -115,15 +115,6 @@ class AverageSharpnessResult(ProbeResult):
     n_draws: int
     adaptive: bool
     norm: str
-
-
-# --- argument checks ----------------------------------------------------------------------
-
-
-def _norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise SharpError(f"norm={norm!r} is unknown: choose 'linf' or 'l2'")
-    return norm
 
 
 # --- epsilon-sharpness (Keskar et al. 2017) -----------------------------------------------
@@ -262,7 +253,8 @@ def epsilon_sharpness(
     `sharpness_std` is the spread of phi over the starts that count (its uncertainty: the
     maximization is local, and the starts find different maxima).
     """
-    eps = check_positive("eps", eps)
+    check_positive(spelling="argument", eps=eps)
+    eps = float(eps)
     maxiter = check_count("maxiter", maxiter)
     random_starts = check_count("random_starts", random_starts, minimum=0)
     pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
@@ -530,9 +522,11 @@ def adaptive_sharpness(
     takes one pass (the loss and gradient at the new point together; theirs two); chunks
     are weighted by size (theirs: equal weights, with n divisible by m enforced).
     """
-    norm = _norm(norm)
+    norm = check_choice(norm, "norm", NORMS)
     rho_rule = "given" if rho is not None else "default_rho"
-    rho = check_positive("rho", default_rho("worst", norm, adaptive) if rho is None else rho)
+    rho = default_rho("worst", norm, adaptive) if rho is None else rho
+    check_positive(spelling="argument", rho=rho)
+    rho = float(rho)
     m = check_count("m", m)
     steps = check_count("steps", steps)
     pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
@@ -607,9 +601,11 @@ def average_sharpness(
     over batches, each draw here perturbs the loss over the whole probe set (the same
     expectation, one shared draw for all examples).
     """
-    norm = _norm(norm)
+    norm = check_choice(norm, "norm", NORMS)
     rho_rule = "given" if rho is not None else "default_rho"
-    rho = check_positive("rho", default_rho("average", norm, adaptive) if rho is None else rho)
+    rho = default_rho("average", norm, adaptive) if rho is None else rho
+    check_positive(spelling="argument", rho=rho)
+    rho = float(rho)
     n_draws = check_count("n_draws", n_draws, minimum=2)
     pm = ProbeModel(model, batches, loss_fn=loss_fn, bn_mode=bn_mode, bn_data=bn_data, bn_batch=bn_batch)
     w = pm.get_vector()
