@@ -298,7 +298,25 @@ eps = "1e-3"
 maxiter = 2
 hessian = true
 top_k = 1
+subspace = 4
+adaptive = true
+average = true
+trace = true
+trace_samples = 4
+noise_scale = true
+b_small = 16
+b_big = 64
 """
+
+# per_run.csv's column of each probe task of SWEEP beside λ_max and the full-space ε-sharpness,
+# and the field of its record that holds the number
+MEASURE_COLUMNS = {
+    "sharpness-eps0.001-sub4": ("ε-sharpness ε=0.001 subspace p=4", "sharpness"),
+    "adaptive-linf-rho0.001": ("worst-case adaptive sharpness ρ=0.001 ℓ∞", "sharpness"),
+    "average-l2-rho0.05": ("average adaptive sharpness ρ=0.05 ℓ2", "sharpness"),
+    "hessian-trace": ("Hessian trace", "trace"),
+    "noise-scale-b16-64": ("B_simple (16/64)", "b_simple"),
+}
 
 
 def test_correlate_a_digits_sweep_end_to_end(tmp_path):
@@ -318,6 +336,9 @@ def test_correlate_a_digits_sweep_end_to_end(tmp_path):
         assert float(row["error_gap"]) == pytest.approx(
             final["eval_train_acc"] - final["test_acc"], abs=1e-15
         )
+        # the comparisons below are exact: per_run.csv writes floats by repr, which reads back to
+        # the same float64, and each cell is the record's number (or the same one subtraction of
+        # two numbers that JSON round-trips exactly), with no arithmetic in between
         assert float(row["loss_gap"]) == final["test_loss"] - final["eval_train_loss"]
         records = [json.loads(p.read_text()) for p in (run / "probes").glob("final.*.json")]
         probes = {r["provenance"]["task"]: r for r in records}
@@ -325,6 +346,8 @@ def test_correlate_a_digits_sweep_end_to_end(tmp_path):
         assert float(row["ε-sharpness ε=0.001 full"]) == probes["sharpness-eps0.001-full"]["sharpness"]
         for field, title in correlate_module.NORM_TITLES.items():
             assert float(row[title]) == probes["weight-norms"][field]
+        for task, (title, field) in MEASURE_COLUMNS.items():
+            assert float(row[title]) == probes[task][field], (task, title)
     measures = {r["measure"] for r in read_csv(out / "correlation.csv")}
     assert {"λ_max", "ε-sharpness ε=0.001 full", "‖w − w₀‖₂", "path norm"} <= measures
     assert "batch_size (16, 64, 256); lr (0.05, 0.2)" in (out / "correlation.md").read_text()

@@ -232,6 +232,11 @@ def test_ddp_bn_equals_ghost_bn_and_saves_the_mean_of_the_ranks_buffers(ddp_runs
     for key, value in dumps[0][last].items():
         mean = (value + dumps[1][last][key]) / 2  # what was saved is the two ranks' mean, exactly
         assert torch.allclose(ours[key], mean, rtol=0, atol=1e-14)
+    # config.json says what the run did: BN over each rank's own micro-batches of 16 (the ghost
+    # batch of the single process above), the ranks' buffers averaged as the dumps show
+    derived = json.loads((ddp_runs / "bn" / "config.json").read_text())["derived"]
+    assert derived["bn_batch"] == 16
+    assert derived["bn_across_ranks"] == "per rank; buffers averaged before every evaluation and checkpoint"
 
 
 def test_ddp_window_with_an_empty_rank_share(ddp_runs, tmp_path, digits):

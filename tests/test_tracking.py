@@ -5,6 +5,7 @@ ghost BN), a cold-start Lanczos, plain full-batch GD by hand, and untracked and 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -249,6 +250,9 @@ def test_tracking_does_not_change_the_trajectory(tmp_path, digits, model, bn_mod
     rows = read_jsonl(tmp_path / "tracked" / "metrics.jsonl")
     tracking_rows = [r for r in rows if "lambda_max" in r]
     assert [r["step"] for r in tracking_rows] == [0, 4, 8, 12]
+    for row in tracking_rows:  # the cost of each point: its time and its Lanczos HVPs
+        assert math.isfinite(row["seconds"]) and row["seconds"] >= 0
+        assert type(row["hvps"]) is int and row["hvps"] > 0
     assert _strip([r for r in rows if "lambda_max" not in r]) == _strip(
         read_jsonl(tmp_path / "plain" / "metrics.jsonl")
     )
