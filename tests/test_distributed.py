@@ -87,6 +87,16 @@ def test_two_gloo_processes_end_with_the_single_process_weights(tmp_path):
     assert not (tmp_path / "two" / "run.lock").exists()
 
 
+def run_two_gloo_ranks(script: Path, *args: Path, timeout: int) -> None:
+    """Run `script ARGS` under torchrun with two CPU ranks (this checkout importable); it must exit 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [*command, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 RELEASE_CHECK = """
 import gc, weakref, torch
 import torch.distributed.distributed_c10d as c10d
@@ -105,10 +115,7 @@ def test_session_releases_its_process_group_before_the_interpreter_exits(tmp_pat
     abort a rank that finished its run (SIGABRT, seen once in CI): the session must free it."""
     script = tmp_path / "release_check.py"
     script.write_text(RELEASE_CHECK)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*command, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run_two_gloo_ranks(script, timeout=300)
 
 
 # --- several runs under one torchrun launch (tests/ddp_scenarios.py) --------------------------
@@ -174,16 +181,7 @@ def ddp_runs(tmp_path_factory):
     def launch(scenarios):
         spec = root / f"scenarios-{len(list(root.glob('*.json')))}.json"
         spec.write_text(json.dumps(scenarios))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run(
-            [*command, str(REPO / "tests" / "ddp_scenarios.py"), str(spec)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_two_gloo_ranks(REPO / "tests" / "ddp_scenarios.py", spec, timeout=600)
 
     first = [
         {"out": str(root / name), "settings": {**COMMON, **settings}, "dump_buffers": name == "bn"}
